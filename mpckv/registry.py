@@ -1,0 +1,116 @@
+"""Method registry: ``@register_method("name")``, :func:`get_method`, :func:`list_methods`.
+
+Built-in methods register when ``mpckv.plaintext.methods`` is imported. Other packages add methods through
+the ``mpckv.methods`` entry-point group (``name = "package.module:Class"``); they are loaded lazily on the
+first lookup.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
+
+from mpckv.errors import ConfigError, UnknownMethodError
+
+T = TypeVar("T", bound=type)
+
+_REGISTRY: dict[str, type] = {}
+_loaded_plugins = False
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What ``mpckv methods`` lists."""
+
+    name: str
+    family: str
+    paper: str
+    secure: str
+    summary: str
+
+
+def register_method(name: str) -> Callable[[T], T]:
+    """Class decorator adding a KV method under ``name`` (lower-case, unique)."""
+    if not name or name != name.lower() or "+" in name:
+        raise ConfigError(f"method names must be lower-case and contain no '+', got {name!r}")
+
+    def deco(cls: T) -> T:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ConfigError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        _REGISTRY[name] = cls
+        cls.name = name  # type: ignore[attr-defined]
+        return cls
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    global _loaded_plugins
+    importlib.import_module("mpckv.plaintext.methods")
+    if _loaded_plugins:
+        return
+    _loaded_plugins = True
+    for ep in entry_points(group="mpckv.methods"):
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            cls = ep.load()
+        except Exception as exc:  # a broken plugin must not break the library
+            raise ConfigError(f"method plugin {ep.name!r} ({ep.value}) failed to load: {exc}") from exc
+        register_method(ep.name)(cls)
+
+
+def method_class(name: str) -> type:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def get_method(name: str, **params: Any) -> Any:
+    """Instantiate a registered method. ``"a+b"`` composes methods (same ``params`` for each part
+    unless a part does not take a parameter)."""
+    parts = [p.strip() for p in name.split("+")]
+    if len(parts) > 1:
+        from mpckv.plaintext.methods.compose import Composed
+
+        return Composed([_build(p, params, lenient=True) for p in parts])
+    return _build(parts[0], params, lenient=False)
+
+
+def _build(name: str, params: dict[str, Any], lenient: bool) -> Any:
+    cls = method_class(name)
+    fields = getattr(cls, "__dataclass_fields__", {})
+    unknown = [k for k in params if k not in fields]
+    if unknown and not lenient:
+        raise ConfigError(
+            f"method {name!r} has no parameter(s) {unknown}; it takes {sorted(f for f in fields if f[0] != '_')}"
+        )
+    try:
+        return cls(**{k: v for k, v in params.items() if k in fields})
+    except TypeError as exc:
+        raise ConfigError(f"bad parameters for method {name!r}: {exc}") from exc
+
+
+def list_methods() -> list[MethodInfo]:
+    _ensure_loaded()
+    out = []
+    for name in sorted(_REGISTRY):
+        cls = _REGISTRY[name]
+        doc = (cls.__doc__ or "").strip().splitlines()
+        out.append(
+            MethodInfo(
+                name=name,
+                family=getattr(cls, "family", "?"),
+                paper=getattr(cls, "paper", ""),
+                secure=getattr(cls, "secure", "no"),
+                summary=doc[0] if doc else "",
+            )
+        )
+    return out

@@ -1,0 +1,1 @@
+"""Plaintext engine, KV cache, model forward and KV methods (installed as ``mpckv.plaintext``)."""

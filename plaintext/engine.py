@@ -1,0 +1,284 @@
+"""The generation engine: batched prefill and decode with a KV method hooked into every layer.
+
+``Engine(model, method=...)`` owns no per-run state; :meth:`Engine.prefill` returns a :class:`Session`
+(caches, positions, method state) that :meth:`Engine.decode` advances one token at a time, and
+:meth:`Engine.generate` drives both with greedy or sampled decoding and stop tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mpckv.errors import ConfigError, ShapeError
+from mpckv.plaintext.attention import cache_attention, prefill_attention
+from mpckv.plaintext.kv_cache import KVCache
+from mpckv.plaintext.methods.base import DecodeContext, KVMethod, PrefillContext, Selection
+from mpckv.plaintext.model import LlamaModel
+from mpckv.plaintext.sampling import SamplingConfig, sample_next
+
+
+@dataclass
+class Session:
+    """Per-run state: caches, next positions, method state, statistics."""
+
+    cache: KVCache
+    positions: torch.Tensor  # [B] position of the next token
+    prompt_lengths: torch.Tensor  # [B]
+    states: list[dict[str, Any]]
+    logits: torch.Tensor  # [B, V] logits for the next token
+    step: int = 0
+    read_sums: list[float] = field(default_factory=list)  # per layer, summed mean read entries per step
+    peak_cache_bytes: int = 0
+    dense_lengths: torch.Tensor | None = None  # [B] what a dense cache would hold now
+
+
+@dataclass
+class GenerationStats:
+    """What :meth:`Engine.generate` measured."""
+
+    method: str
+    prompt_lengths: list[int]
+    new_tokens: list[int]
+    kept_per_layer: list[float]
+    read_per_layer: list[float]
+    kept_fraction: float
+    cache_bytes: int
+    live_cache_bytes: int
+    peak_cache_bytes: int
+    dense_cache_bytes: int
+    prefill_s: float
+    decode_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated tokens per sequence (stop token excluded)
+    stats: GenerationStats
+    finished: list[bool]  # whether each sequence hit a stop token
+
+
+def _as_batch(input_ids: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a list of token lists (or accept a ``[B, T]`` tensor) → ids ``[B, T]``, lengths ``[B]``."""
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2:
+            raise ShapeError(f"input_ids must be [B, T], got {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        return input_ids.to(device=device, dtype=torch.long), torch.full((b,), t, dtype=torch.long, device=device)
+    seqs = [list(map(int, s)) for s in input_ids]
+    if seqs and all(isinstance(x, int) for x in input_ids):
+        seqs = [list(map(int, input_ids))]
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ShapeError("every prompt needs at least one token")
+    t = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), t, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return ids.to(device), torch.tensor([len(s) for s in seqs], dtype=torch.long, device=device)
+
+
+class Engine:
+    """Plaintext inference engine.
+
+    Parameters
+    ----------
+    model:
+        A loaded :class:`~mpckv.plaintext.model.LlamaModel`.
+    method:
+        A registered method name (``"snapkv"``, ``"a+b"`` for compositions), a method object, or ``None``
+        for dense.
+    **method_params:
+        Passed to :func:`mpckv.get_method` when ``method`` is a name (e.g. ``budget=0.1``).
+    """
+
+    def __init__(self, model: LlamaModel, method: str | KVMethod | None = "dense", **method_params: Any):
+        from mpckv.registry import get_method
+
+        self.model = model
+        if method is None:
+            method = "dense"
+        if isinstance(method, str):
+            method = get_method(method, **method_params)
+        elif method_params:
+            raise ConfigError("method parameters can only be given together with a method name")
+        if not isinstance(method, KVMethod):
+            raise ConfigError(f"method must be a name or a KVMethod, got {type(method).__name__}")
+        method.check(model.config)
+        self.method = method
+
+    @property
+    def method_label(self) -> str:
+        return str(getattr(self.method, "label", self.method.name))
+
+    # ------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def prefill(self, input_ids: Any) -> Session:
+        """Run the prompt(s) densely, let the method compress each layer, return the session."""
+        model, cfg = self.model, self.model.config
+        ids, lengths = _as_batch(input_ids, model.device)
+        b, t = ids.shape
+        cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device)
+        states: list[dict[str, Any]] = [{} for _ in range(cfg.num_hidden_layers)]
+        positions = torch.arange(t, device=model.device).expand(b, t)
+        hidden = model.embed(ids)
+        for layer in range(cfg.num_hidden_layers):
+            q, k, v = model.qkv(layer, hidden, positions)
+            cache[layer].append(k, v, positions, counts=lengths)
+            attn = prefill_attention(q, k, v, lengths, model.scale, cfg.sliding_window)
+            ctx = PrefillContext(layer, cfg, cache[layer], q, lengths, model.scale, states[layer],
+                                 model.inv_freq, states)
+            self.method.on_prefill(ctx)
+            hidden = model.finish_layer(layer, hidden, attn)
+        last = hidden[torch.arange(b, device=model.device), lengths - 1]
+        logits = model.logits(last[:, None])[:, 0]
+        return Session(cache=cache, positions=lengths.clone(), prompt_lengths=lengths, states=states,
+                       logits=logits, read_sums=[0.0] * cfg.num_hidden_layers,
+                       peak_cache_bytes=cache.nbytes(), dense_lengths=lengths.clone())
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def decode(self, session: Session, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per sequence (``[B]``); return the next-token logits ``[B, V]``."""
+        model, cfg = self.model, self.model.config
+        b = session.positions.shape[0]
+        tokens = torch.as_tensor(tokens, device=model.device).reshape(-1)
+        if tokens.shape[0] != b:
+            raise ShapeError(f"decode expects one token per sequence ({b}), got {tokens.shape[0]}")
+        pos = session.positions
+        hidden = model.embed(tokens[:, None])
+        for layer in range(cfg.num_hidden_layers):
+            q, k, v = model.qkv(layer, hidden, pos[:, None])
+            lc = session.cache[layer]
+            ctx = DecodeContext(layer, cfg, lc, q[:, :, 0], pos, session.step, model.scale,
+                                session.states[layer], session.states)
+            self.method.before_append(ctx)
+            lc.append(k, v, pos[:, None])
+            sel = self.method.select(ctx)
+            out = self._attend(ctx, sel, session, layer)
+            hidden = model.finish_layer(layer, hidden, out[:, :, None])
+        session.positions = pos + 1
+        session.step += 1
+        assert session.dense_lengths is not None
+        session.dense_lengths = session.dense_lengths + 1
+        session.peak_cache_bytes = max(session.peak_cache_bytes, session.cache.nbytes())
+        session.logits = model.logits(hidden)[:, 0]
+        return session.logits
+
+    def _attend(self, ctx: DecodeContext, sel: Selection | None, session: Session, layer: int) -> torch.Tensor:
+        lc, cfg = ctx.cache, ctx.config
+        need_probs = self.method.needs_decode_probs
+        keep = None
+        if cfg.sliding_window is not None:
+            keep = lc.positions() > (ctx.positions[:, None, None] - cfg.sliding_window)
+        if sel is None:
+            out, probs = cache_attention(ctx.q, lc.keys(), lc.values(), lc.lengths, ctx.scale, keep, need_probs)
+            session.read_sums[layer] += float(lc.lengths.float().mean())
+        else:
+            b, hk, kk = sel.index.shape
+            d = cfg.head_dim
+            gidx = sel.index[..., None].expand(b, hk, kk, d)
+            ks, vs = torch.gather(lc.k, 2, gidx), torch.gather(lc.v, 2, gidx)
+            ksel = None if keep is None else torch.gather(keep, 2, sel.index)
+            out, p_sel = cache_attention(ctx.q, ks, vs, sel.counts, ctx.scale, ksel, need_probs)
+            session.read_sums[layer] += float(sel.counts.float().mean())
+            probs = None
+            if p_sel is not None:  # scatter back to the cache layout [B, H, L]
+                g = cfg.group_size
+                probs = torch.zeros(b, cfg.num_attention_heads, lc.max_length, device=p_sel.device)
+                idx = sel.index.repeat_interleave(g, dim=1)
+                probs.scatter_(2, idx, p_sel * sel.valid.repeat_interleave(g, dim=1))
+        self.method.after_attention(ctx, probs)
+        return out
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int = 32,
+        *,
+        sampling: SamplingConfig | None = None,
+        stop_tokens: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` per sequence (greedy unless ``sampling`` says otherwise).
+
+        ``stop_tokens`` defaults to the model's ``eos_token_id``; pass ``[]`` to disable.
+        """
+        if max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        sampling = sampling or SamplingConfig()
+        stops = set(self.model.config.stop_token_ids if stop_tokens is None else stop_tokens)
+        gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
+        t0 = time.perf_counter()
+        session = self.prefill(input_ids)
+        _sync(self.model.device)
+        prefill_s = time.perf_counter() - t0
+        b = session.positions.shape[0]
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = [False] * b
+        t1 = time.perf_counter()
+        bar = _progress(max_new_tokens, progress)
+        for i in range(max_new_tokens):
+            nxt = sample_next(session.logits, sampling, gen)
+            for j, tok in enumerate(nxt.tolist()):
+                if done[j]:
+                    continue
+                if tok in stops:
+                    done[j] = True
+                else:
+                    out[j].append(tok)
+            if bar is not None:
+                bar.update(1)
+            if all(done) or i == max_new_tokens - 1:
+                break
+            self.decode(session, nxt)
+        if bar is not None:
+            bar.close()
+        _sync(self.model.device)
+        decode_s = time.perf_counter() - t1
+        return GenerationResult(out, self._stats(session, out, prefill_s, decode_s), done)
+
+    def _stats(self, s: Session, out: list[list[int]], prefill_s: float, decode_s: float) -> GenerationStats:
+        kept = s.cache.mean_lengths()
+        steps = max(s.step, 1)
+        dense_len = s.dense_lengths.float().mean().item() if s.dense_lengths is not None else 1.0
+        cfg = self.model.config
+        per_entry = 2 * cfg.head_dim * self.model.embed_tokens.element_size()
+        dense_bytes = int(s.dense_lengths.sum()) * cfg.num_key_value_heads * cfg.num_hidden_layers * per_entry \
+            if s.dense_lengths is not None else 0
+        return GenerationStats(
+            method=self.method_label,
+            prompt_lengths=s.prompt_lengths.tolist(),
+            new_tokens=[len(o) for o in out],
+            kept_per_layer=[round(x, 3) for x in kept],
+            read_per_layer=[round(x / steps, 3) for x in s.read_sums] if s.step else [round(x, 3) for x in kept],
+            kept_fraction=round(sum(kept) / (len(kept) * max(dense_len, 1.0)), 5),
+            cache_bytes=s.cache.nbytes(),
+            live_cache_bytes=s.cache.live_bytes(),
+            peak_cache_bytes=s.peak_cache_bytes,
+            dense_cache_bytes=dense_bytes,
+            prefill_s=round(prefill_s, 6),
+            decode_s=round(decode_s, 6),
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="decode", unit="tok", leave=False)

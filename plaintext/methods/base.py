@@ -1,0 +1,138 @@
+"""The KV method interface and the contexts the engine passes to its hooks.
+
+A method is a small dataclass of hyper-parameters (no per-run state: per-run state lives in
+``ctx.state``, a dict per layer that the engine creates for every prefill, or in cache metadata that moves
+with compaction). The engine calls, per layer:
+
+prefill
+    ``on_prefill(ctx)`` after the layer's prompt K/V were written to the cache and dense attention ran.
+    Eviction methods compact ``ctx.cache`` here.
+decode step
+    ``before_append(ctx)`` (make room, e.g. StreamingLLM) → the engine appends the new K/V →
+    ``select(ctx)`` (which entries to read; ``None`` = all live entries) → attention →
+    ``after_attention(ctx, probs)`` (accumulate scores / evict, e.g. H2O; ``probs [B, H, L]`` over the
+    cache layout when ``needs_decode_probs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from mpckv.budget import Budget
+from mpckv.config import ModelConfig
+from mpckv.errors import BudgetError
+from mpckv.plaintext.kv_cache import LayerCache
+
+
+@dataclass
+class Selection:
+    """Entries to read at one decode step: ``index [B, Hk, K]`` into the cache, ``valid [B, Hk, K]``.
+
+    Valid columns come first in each row; indices are sorted ascending among the valid ones.
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.valid.sum(-1)
+
+
+@dataclass
+class PrefillContext:
+    """What ``on_prefill`` sees for one layer."""
+
+    layer: int
+    config: ModelConfig
+    cache: LayerCache
+    q: torch.Tensor  # [B, H, T, d] post-RoPE queries of the prompt (right padded)
+    prompt_lengths: torch.Tensor  # [B]
+    scale: float
+    state: dict[str, Any]
+    inv_freq: torch.Tensor
+    all_states: list[dict[str, Any]] = field(default_factory=list)  # every layer's state (cross-layer)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+
+@dataclass
+class DecodeContext:
+    """What the decode hooks see for one layer and step."""
+
+    layer: int
+    config: ModelConfig
+    cache: LayerCache
+    q: torch.Tensor  # [B, H, d] post-RoPE query of the new token
+    positions: torch.Tensor  # [B] position of the new token
+    step: int
+    scale: float
+    state: dict[str, Any]
+    all_states: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+
+@dataclass(kw_only=True)
+class KVMethod:
+    """Base class of every KV selection / eviction / fusion method.
+
+    Parameters
+    ----------
+    budget:
+        Kept (eviction) or read (selection) entries: a ratio in (0, 1], a token count, or a per-layer /
+        per-head list (see :class:`mpckv.budget.Budget`). ``None`` means the method's own default.
+    """
+
+    budget: Any = None
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = "baseline"
+    paper: ClassVar[str] = ""
+    secure: ClassVar[str] = "no"  # "yes" | "planned" | "no"
+    needs_decode_probs: ClassVar[bool] = False
+    default_budget: ClassVar[Any] = None
+
+    def __post_init__(self) -> None:
+        spec = self.budget if self.budget is not None else self.default_budget
+        self._budget: Budget | None = Budget.parse(spec) if spec is not None else None
+
+    # ---------------------------------------------------------------- budget helpers
+    @property
+    def resolved_budget(self) -> Budget:
+        if self._budget is None:
+            raise BudgetError(f"method {self.name!r} needs a budget (ratio in (0, 1] or a token count)")
+        return self._budget
+
+    def check(self, config: ModelConfig) -> None:
+        """Validate hyper-parameters against a model before a run (raise ConfigError / BudgetError)."""
+        if self._budget is not None:
+            self._budget.validate(config.num_hidden_layers, config.num_key_value_heads)
+
+    # ---------------------------------------------------------------- hooks (defaults: do nothing)
+    def on_prefill(self, ctx: PrefillContext) -> None:
+        return None
+
+    def before_append(self, ctx: DecodeContext) -> None:
+        return None
+
+    def select(self, ctx: DecodeContext) -> Selection | None:
+        return None
+
+    def after_attention(self, ctx: DecodeContext, probs: torch.Tensor | None) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Hyper-parameters as a JSON-friendly dict."""
+        out: dict[str, Any] = {"method": self.name}
+        for key in getattr(self, "__dataclass_fields__", {}):
+            val = getattr(self, key)
+            out[key] = str(val) if key == "budget" and val is not None else val
+        return out
