@@ -50,7 +50,7 @@ class PrefillContext:
     config: ModelConfig
     cache: LayerCache
     q: torch.Tensor  # [B, H, T, d] post-RoPE queries of the prompt (right padded)
-    prompt_lengths: torch.Tensor  # [B]
+    prompt_lengths: torch.Tensor  # [B]; ratio budgets apply to ``cache.lengths`` (what is present now)
     scale: float
     state: dict[str, Any]
     inv_freq: torch.Tensor

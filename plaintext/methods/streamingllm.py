@@ -78,7 +78,9 @@ class StreamingLLM(KVMethod):
         cache.compact(torch.where(valid, src, torch.zeros_like(src)), valid)
 
     def on_prefill(self, ctx: PrefillContext) -> None:
-        caps = torch.tensor([self.capacity(int(n)) for n in ctx.prompt_lengths.tolist()])
+        # ratios are of the entries present now (== the prompt unless an earlier composed part evicted)
+        present = ctx.cache.lengths.amax(dim=1)
+        caps = torch.tensor([self.capacity(int(n)) for n in present.tolist()])
         ctx.state["caps"] = caps
         self._keep_pattern(ctx.cache, caps)
 
