@@ -140,7 +140,7 @@ def load_model(
     norm = take.req("model.norm.weight", (d,))
     head = take("lm_head.weight", (cfg.vocab_size, d), optional=cfg.tie_word_embeddings)
     model = LlamaModel(cfg, embed, layers, norm, embed if head is None else head)
-    model.source = str(root)  # type: ignore[attr-defined]
+    model.source = str(root)
     return model
 
 

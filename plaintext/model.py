@@ -74,6 +74,7 @@ class LlamaModel:
         self.xp = backend
         self.inv_freq = inverse_frequencies(config.rope, config.head_dim).to(embed.device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.source: str | None = None  # checkpoint directory it was loaded from, if any
 
     # ------------------------------------------------------------------ properties
     @property

@@ -132,7 +132,7 @@ def test_human_output_and_out(capsys, ckpt, tmp_path):
     assert code == 0, err
     data = json.loads(out_file.read_text())
     assert out == data["text"] + "\n"
-    assert "[dense budget=-]" in err and "4 new tok" in err
+    assert "[dense budget=-]" in err and "4 new tok" in err and "live" in err
 
 
 def test_dense_vs_streamingllm(capsys, ckpt, tmp_path):

@@ -31,7 +31,7 @@ class Composed(KVMethod):
         self.budget = None
         super().__post_init__()
 
-    name = "composed"  # type: ignore[assignment]
+    name = "composed"
     family = "composition"
 
     @property
@@ -39,7 +39,7 @@ class Composed(KVMethod):
         return "+".join(p.name for p in self.parts)
 
     @property
-    def needs_decode_probs(self) -> bool:  # type: ignore[override]
+    def needs_decode_probs(self) -> bool:
         return any(p.needs_decode_probs for p in self.parts)
 
     def check(self, config: ModelConfig) -> None:

@@ -1,0 +1,299 @@
+"""The ``mpckv`` command line.
+
+One function per subcommand (``cmd_<name>``) registered in :func:`build_parser`; :func:`main` parses,
+dispatches and turns every :class:`~mpckv.errors.MpckvError` (and every usage error) into a single line
+``mpckv: error: ...`` on stderr with exit status 2.
+
+Examples
+--------
+::
+
+    mpckv methods
+    mpckv generate --model tiny --method streamingllm --budget 0.25 --prompt "Hello" --max-new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from mpckv.errors import MpckvError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(MpckvError):
+    """Bad command-line input that argparse cannot catch (files, ``--param`` syntax, ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument parser whose usage errors are one line, like every other CLI error."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see `{self.prog} --help`)"
+        self.exit(2, f"mpckv: error: {message}{hint}\n")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _device(text: str) -> str:
+    """argparse type for ``--device``: ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"invalid device {text!r}; use cpu, cuda or cuda:N")
+    return text
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type for counts such as ``--max-new-tokens``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def parse_params(items: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["window=16", "pooling=avg"]`` into ``{"window": 16, "pooling": "avg"}``.
+
+    Parameters
+    ----------
+    items:
+        ``key=value`` strings; values are decoded as JSON when possible, else kept as strings.
+
+    Returns
+    -------
+    dict
+        Method hyper-parameters for :func:`mpckv.get_method`.
+
+    Raises
+    ------
+    UsageError
+        On a missing ``=``, an invalid or repeated key, or ``budget`` (use ``--budget``).
+    """
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise UsageError(f"--param expects key=value with a Python identifier as key, got {item!r}")
+        if key == "budget":
+            raise UsageError("give the budget with --budget, not --param budget=...")
+        if key in params:
+            raise UsageError(f"--param {key} given more than once")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return str(args.prompt)
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    path = Path(args.prompt_file).expanduser()
+    if not path.is_file():
+        raise UsageError(f"prompt file {path} does not exist or is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read prompt file {path}: {exc}") from exc
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover - unreachable
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples (per-layer / per-head budgets) become lists."""
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- methods
+def cmd_methods(args: argparse.Namespace) -> int:
+    """List registered KV methods as a table or (``--json``) a list of objects."""
+    from mpckv.registry import list_methods
+
+    infos = list_methods()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(m) for m in infos], indent=2, ensure_ascii=False))
+        return 0
+    header = ("name", "family", "paper", "secure")
+    rows = [header] + [(m.name, m.family, m.paper, m.secure) for m in infos]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- generate
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Load a model, generate with one KV method, print the text (or JSON) and statistics."""
+    import torch
+
+    from mpckv.budget import Budget
+    from mpckv.checkpoint import load_model
+    from mpckv.errors import ConfigError
+    from mpckv.plaintext.engine import Engine
+    from mpckv.plaintext.sampling import SamplingConfig
+    from mpckv.registry import get_method
+    from mpckv.tokenizer import load_tokenizer
+
+    # Cheap checks first, so that bad input fails before the model is loaded.
+    prompt = _read_prompt(args)
+    budget = Budget.parse(args.budget) if args.budget is not None else None
+    params = parse_params(args.param)
+    method = get_method(args.method, budget=budget, **params)
+    sampling = SamplingConfig(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device} requested but CUDA is not available")
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    tokenizer = load_tokenizer(getattr(model, "source", None), model.config.vocab_size)
+    ids = tokenizer.encode(prompt)
+    engine = Engine(model, method)
+    progress = not args.no_progress and (sys.stderr.isatty() or args.max_new_tokens > 64)
+    result = engine.generate(
+        [ids],
+        args.max_new_tokens,
+        sampling=sampling,
+        stop_tokens=[] if args.ignore_eos else None,
+        progress=progress,
+    )
+    tokens = result.tokens[0]
+    stats = result.stats.to_dict()
+    payload: dict[str, Any] = {
+        "tokens": tokens,
+        "text": tokenizer.decode(tokens),
+        "method": stats.pop("method"),
+        "budget": _jsonable(budget.value) if budget is not None else None,
+        "finished": result.finished[0],
+        **stats,
+    }
+    text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+    if args.out is not None:
+        out = Path(args.out).expanduser()
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write {out}: {exc}") from exc
+    if args.json:
+        sys.stdout.write(text)
+        return 0
+    print(payload["text"])
+    n_new = len(tokens)
+    rate = n_new / payload["decode_s"] if payload["decode_s"] > 0 else float("inf")
+    print(
+        f"[{payload['method']} budget={budget if budget is not None else '-'}] "
+        f"prompt {len(ids)} tok, {n_new} new tok, kept {payload['kept_fraction']:.1%} of KV "
+        f"(live {_fmt_bytes(payload['live_cache_bytes'])} vs dense "
+        f"{_fmt_bytes(payload['dense_cache_bytes'])}, allocated {_fmt_bytes(payload['cache_bytes'])}), "
+        f"prefill {payload['prefill_s']:.3f} s, decode {payload['decode_s']:.3f} s ({rate:.1f} tok/s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_generate(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate text with a KV method", description=cmd_generate.__doc__)
+    p.add_argument("--model", required=True, metavar="PATH", help="HF-layout checkpoint directory, or 'tiny'")
+    p.add_argument(
+        "--method", default="dense", metavar="NAME", help="method name or composition 'a+b' (default: dense)"
+    )
+    p.add_argument(
+        "--budget",
+        metavar="X",
+        help="kept/read budget: ratio in (0, 1] (0.1), token count (256), or JSON list per layer / per head",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="prompt text")
+    src.add_argument(
+        "--prompt-file", metavar="FILE", help="read the prompt from this UTF-8 file ('-' for stdin)"
+    )
+    p.add_argument("--max-new-tokens", type=_non_negative_int, default=32, metavar="N", help="default: 32")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    p.add_argument("--out", metavar="FILE", help="also write the JSON object to this file")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument(
+        "--device", type=_device, default="cpu", metavar="DEV", help="cpu, cuda or cuda:N (default: cpu)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off (default)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default: 0)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra method hyper-parameter (value parsed as JSON when possible); repeatable",
+    )
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the model's EOS token(s)")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.set_defaults(handler=cmd_generate)
+
+
+# ----------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mpckv`` parser; each subcommand sets ``handler`` (a ``cmd_*`` function) as a default."""
+    from mpckv import __version__
+
+    parser = _Parser(
+        prog="mpckv", description="KV-cache selection, eviction and fusion, in plaintext and MPC."
+    )
+    parser.add_argument("--version", action="version", version=f"mpckv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("methods", help="list registered KV methods", description=cmd_methods.__doc__)
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(handler=cmd_methods)
+
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI.
+
+    Parameters
+    ----------
+    argv:
+        Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 2 on bad input (one line on stderr), 130 on Ctrl-C.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors
+        return exc.code if isinstance(exc.code, int) else 2
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except MpckvError as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"mpckv: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mpckv: interrupted", file=sys.stderr)
+        return 130
