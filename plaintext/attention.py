@@ -57,18 +57,6 @@ def cache_attention(
     ``keep [B,Hk,L]`` further restricts the attended entries. Returns ``out [B,H,d]`` and, when asked,
     ``probs [B,H,L]`` in fp32 (zero outside the attended set).
     """
-    try:
-        from mpckv.kernels.decode_attention import decode_attention
-    except ImportError:  # TEMP until the kernel lands
-        b, h, d = q.shape
-        hk, L = k.shape[1], k.shape[2]
-        g = h // hk
-        logits = torch.einsum("bkgd,bkld->bkgl", q.view(b, hk, g, d).float(), k.float()) * scale
-        ok = torch.arange(L, device=q.device)[None, None, :] < lengths[..., None]
-        if keep is not None:
-            ok = ok & keep
-        from mpckv.plaintext.backend import TORCH
-        p = TORCH.softmax(logits, -1, ok[:, :, None, :].expand_as(logits))
-        out = torch.einsum("bkgl,bkld->bkgd", p, v.float()).reshape(b, h, d).to(q.dtype)
-        return out, (p.reshape(b, h, L) if return_probs else None)
+    from mpckv.kernels.decode_attention import decode_attention
+
     return decode_attention(q, k, v, lengths, scale=scale, keep=keep, return_probs=return_probs)

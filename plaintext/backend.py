@@ -1,41 +1,60 @@
-"""The Backend (``xp``) interface that the model and the methods compute through.
+"""The Backend (``xp``) interface that the model, the engine and the methods compute through.
 
-Two implementations are planned: :class:`TorchBackend` here (plaintext, CPU/CUDA) and a CrypTen backend in
-``mpckv.protocols`` (secret shares). Everything the model forward needs goes through these few operations,
-so the same model code runs on both. Masks are multiplicative (``keep``), never additive ``-inf``: an
+Two implementations: :class:`TorchBackend` here (plaintext, CPU/CUDA) and ``CrypTenBackend`` in
+:mod:`mpckv.protocols.backend` (secret shares across parties). The engine and the model only call these
+operations, so the same code runs on both. Masks are multiplicative (``keep``), never additive ``-inf``: an
 additive mask is a large constant that breaks fixed-point arithmetic under MPC.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from mpckv.errors import ShapeError
+
 
 class Backend(Protocol):
-    """Operations the model forward and the KV methods may use."""
+    """Operations the model forward, the engine and the KV methods may use."""
 
     name: str
+    secure: bool
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        ...
+    def linear(self, x: Any, weight: Any, bias: Any | None = None) -> Any: ...
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        ...
+    def rms_norm(self, x: Any, weight: Any, eps: float) -> Any: ...
 
-    def silu(self, x: torch.Tensor) -> torch.Tensor:
-        ...
+    def silu(self, x: Any) -> Any: ...
 
-    def softmax(self, x: torch.Tensor, dim: int = -1, keep: torch.Tensor | None = None) -> torch.Tensor:
-        ...
+    def softmax(self, x: Any, dim: int = -1, keep: torch.Tensor | None = None) -> Any: ...
+
+    def embed(self, ids: Any, table: Any) -> Any: ...
+
+    def to_logits(self, x: Any) -> Any: ...
+
+    def prepare_input(self, input_ids: Any, device: torch.device) -> tuple[Any, torch.Tensor]: ...
+
+    def new_cache(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device) -> Any: ...
+
+    def prefill_attention(self, q: Any, k: Any, v: Any, lengths: torch.Tensor, scale: float,
+                          sliding_window: int | None) -> Any: ...
+
+    def cache_attention(self, q: Any, k: Any, v: Any, lengths: torch.Tensor, scale: float,
+                        keep: torch.Tensor | None, return_probs: bool) -> tuple[Any, Any | None]: ...
+
+    def take_rows(self, x: Any, index: torch.Tensor) -> Any: ...
+
+    def last_hidden(self, hidden: Any, lengths: torch.Tensor) -> Any: ...
 
 
 class TorchBackend:
     """Plaintext backend on torch tensors (CPU or CUDA)."""
 
     name = "torch"
+    secure = False
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, weight, bias)
@@ -62,6 +81,69 @@ class TorchBackend:
         e = torch.exp(masked - row_max) * keep
         denom = e.sum(dim=dim, keepdim=True)
         return e / denom.clamp_min(torch.finfo(torch.float32).tiny)
+
+    def embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        if ids.dim() != 2:
+            raise ShapeError(f"input_ids must be [B, T], got shape {tuple(ids.shape)}")
+        vocab = table.shape[0]
+        if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+            raise ShapeError(
+                f"token ids must lie in [0, {vocab}); got range [{int(ids.min())}, {int(ids.max())}]"
+            )
+        return F.embedding(ids, table)
+
+    def to_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+    def prepare_input(self, input_ids: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad a list of token lists (or accept ``[B, T]``) → ids ``[B, T]``, lengths ``[B]``."""
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+            if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+                raise ShapeError(f"input_ids must be a non-empty [B, T], got {tuple(input_ids.shape)}")
+            b, t = input_ids.shape
+            lengths = torch.full((b,), t, dtype=torch.long, device=device)
+            return input_ids.to(device=device, dtype=torch.long), lengths
+        seqs = list(input_ids)
+        if seqs and all(isinstance(x, int) for x in seqs):
+            seqs = [seqs]
+        seqs = [list(map(int, s)) for s in seqs]
+        if not seqs or any(len(s) == 0 for s in seqs):
+            raise ShapeError("every prompt needs at least one token")
+        t = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), t, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        return ids.to(device), torch.tensor([len(s) for s in seqs], dtype=torch.long, device=device)
+
+    def new_cache(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device) -> Any:
+        from mpckv.plaintext.kv_cache import KVCache
+
+        return KVCache(num_layers, batch, kv_heads, head_dim, dtype, device)
+
+    def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                          scale: float, sliding_window: int | None) -> torch.Tensor:
+        from mpckv.plaintext.attention import prefill_attention
+
+        return prefill_attention(q, k, v, lengths, scale, sliding_window)
+
+    def cache_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                        scale: float, keep: torch.Tensor | None,
+                        return_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from mpckv.plaintext.attention import cache_attention
+
+        return cache_attention(q, k, v, lengths, scale, keep, return_probs)
+
+    def take_rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Gather ``x [B, Hk, L, d]`` at ``index [B, Hk, K]`` along the entry axis."""
+        b, hk, kk = index.shape
+        return torch.gather(x, 2, index[..., None].expand(b, hk, kk, x.shape[-1]))
+
+    def last_hidden(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Hidden state of each sequence's last real token: ``[B, T, D]`` → ``[B, D]``."""
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
 
 
 TORCH = TorchBackend()

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from mpckv.errors import ConfigError, ShapeError
-from mpckv.plaintext.attention import cache_attention, prefill_attention
 from mpckv.plaintext.kv_cache import KVCache
 from mpckv.plaintext.methods.base import DecodeContext, KVMethod, PrefillContext, Selection
 from mpckv.plaintext.model import LlamaModel
@@ -65,27 +64,6 @@ class GenerationResult:
     finished: list[bool]  # whether each sequence hit a stop token
 
 
-def _as_batch(input_ids: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad a list of token lists (or accept a ``[B, T]`` tensor) → ids ``[B, T]``, lengths ``[B]``."""
-    if isinstance(input_ids, torch.Tensor):
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if input_ids.dim() != 2:
-            raise ShapeError(f"input_ids must be [B, T], got {tuple(input_ids.shape)}")
-        b, t = input_ids.shape
-        return input_ids.to(device=device, dtype=torch.long), torch.full((b,), t, dtype=torch.long, device=device)
-    seqs = [list(map(int, s)) for s in input_ids]
-    if seqs and all(isinstance(x, int) for x in input_ids):
-        seqs = [list(map(int, input_ids))]
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise ShapeError("every prompt needs at least one token")
-    t = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), t, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return ids.to(device), torch.tensor([len(s) for s in seqs], dtype=torch.long, device=device)
-
-
 class Engine:
     """Plaintext inference engine.
 
@@ -123,23 +101,23 @@ class Engine:
     @torch.no_grad()
     def prefill(self, input_ids: Any) -> Session:
         """Run the prompt(s) densely, let the method compress each layer, return the session."""
-        model, cfg = self.model, self.model.config
-        ids, lengths = _as_batch(input_ids, model.device)
-        b, t = ids.shape
-        cache = KVCache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device)
+        model, cfg, xp = self.model, self.model.config, self.model.xp
+        ids, lengths = xp.prepare_input(input_ids, model.device)
+        b, t = ids.shape[0], ids.shape[1]
+        cache = xp.new_cache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, model.dtype,
+                             model.device)
         states: list[dict[str, Any]] = [{} for _ in range(cfg.num_hidden_layers)]
         positions = torch.arange(t, device=model.device).expand(b, t)
         hidden = model.embed(ids)
         for layer in range(cfg.num_hidden_layers):
             q, k, v = model.qkv(layer, hidden, positions)
             cache[layer].append(k, v, positions, counts=lengths)
-            attn = prefill_attention(q, k, v, lengths, model.scale, cfg.sliding_window)
+            attn = xp.prefill_attention(q, k, v, lengths, model.scale, cfg.sliding_window)
             ctx = PrefillContext(layer, cfg, cache[layer], q, lengths, model.scale, states[layer],
                                  model.inv_freq, states)
             self.method.on_prefill(ctx)
             hidden = model.finish_layer(layer, hidden, attn)
-        last = hidden[torch.arange(b, device=model.device), lengths - 1]
-        logits = model.logits(last[:, None])[:, 0]
+        logits = model.logits(xp.last_hidden(hidden, lengths)[:, None])[:, 0]
         return Session(cache=cache, positions=lengths.clone(), prompt_lengths=lengths, states=states,
                        logits=logits, read_sums=[0.0] * cfg.num_hidden_layers,
                        peak_cache_bytes=cache.nbytes(), dense_lengths=lengths.clone())
@@ -150,7 +128,8 @@ class Engine:
         """Feed one token per sequence (``[B]``); return the next-token logits ``[B, V]``."""
         model, cfg = self.model, self.model.config
         b = session.positions.shape[0]
-        tokens = torch.as_tensor(tokens, device=model.device).reshape(-1)
+        if isinstance(tokens, torch.Tensor | list | int):
+            tokens = torch.as_tensor(tokens, device=model.device).reshape(-1)
         if tokens.shape[0] != b:
             raise ShapeError(f"decode expects one token per sequence ({b}), got {tokens.shape[0]}")
         pos = session.positions
@@ -174,21 +153,20 @@ class Engine:
         return session.logits
 
     def _attend(self, ctx: DecodeContext, sel: Selection | None, session: Session, layer: int) -> torch.Tensor:
-        lc, cfg = ctx.cache, ctx.config
+        lc, cfg, xp = ctx.cache, ctx.config, self.model.xp
         need_probs = self.method.needs_decode_probs
         keep = None
         if cfg.sliding_window is not None:
             keep = lc.positions() > (ctx.positions[:, None, None] - cfg.sliding_window)
         if sel is None:
-            out, probs = cache_attention(ctx.q, lc.keys(), lc.values(), lc.lengths, ctx.scale, keep, need_probs)
+            out, probs = xp.cache_attention(ctx.q, lc.keys(), lc.values(), lc.lengths, ctx.scale, keep,
+                                            need_probs)
             session.read_sums[layer] += float(lc.lengths.float().mean())
         else:
-            b, hk, kk = sel.index.shape
-            d = cfg.head_dim
-            gidx = sel.index[..., None].expand(b, hk, kk, d)
-            ks, vs = torch.gather(lc.k, 2, gidx), torch.gather(lc.v, 2, gidx)
+            b = sel.index.shape[0]
+            ks, vs = xp.take_rows(lc.keys(), sel.index), xp.take_rows(lc.values(), sel.index)
             ksel = None if keep is None else torch.gather(keep, 2, sel.index)
-            out, p_sel = cache_attention(ctx.q, ks, vs, sel.counts, ctx.scale, ksel, need_probs)
+            out, p_sel = xp.cache_attention(ctx.q, ks, vs, sel.counts, ctx.scale, ksel, need_probs)
             session.read_sums[layer] += float(sel.counts.float().mean())
             probs = None
             if p_sel is not None:  # scatter back to the cache layout [B, H, L]

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mpckv.config import ModelConfig
 from mpckv.errors import ShapeError
@@ -72,18 +72,20 @@ class LlamaModel:
         self.norm = norm
         self.lm_head = lm_head
         self.xp = backend
-        self.inv_freq = inverse_frequencies(config.rope, config.head_dim).to(embed.device)
+        self.inv_freq = inverse_frequencies(config.rope, config.head_dim).to(self.device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.source: str | None = None  # checkpoint directory it was loaded from, if any
 
     # ------------------------------------------------------------------ properties
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.device
+        dev = getattr(self.embed_tokens, "device", None)
+        return dev if isinstance(dev, torch.device) else torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.dtype
+        """Compute dtype (fp32 for secret-shared weights, whose encoding is fixed point)."""
+        return self.embed_tokens.dtype if isinstance(self.embed_tokens, torch.Tensor) else torch.float32
 
     def parameters(self) -> list[torch.Tensor]:
         """All weight tensors (shared embedding/head counted once)."""
@@ -111,19 +113,13 @@ class LlamaModel:
             for key, val in vars(lw).items():
                 if isinstance(val, torch.Tensor):
                     setattr(lw, key, mv(val))
-        self.inv_freq = self.inv_freq.to(device=self.embed_tokens.device)
+        self.inv_freq = self.inv_freq.to(device=self.device)
         return self
 
     # ------------------------------------------------------------------ pieces used by the engine
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.dim() != 2:
-            raise ShapeError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-        if input_ids.numel() and (int(input_ids.max()) >= self.config.vocab_size or int(input_ids.min()) < 0):
-            raise ShapeError(
-                f"token ids must lie in [0, {self.config.vocab_size}); got range "
-                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
-            )
-        return F.embedding(input_ids, self.embed_tokens)
+    def embed(self, input_ids: Any) -> Any:
+        """Token embeddings ``[B, T, D]`` (ids ``[B, T]``, or a secret one-hot ``[B, T, V]`` under MPC)."""
+        return self.xp.embed(input_ids, self.embed_tokens)
 
     def qkv(
         self, layer: int, hidden: torch.Tensor, positions: torch.Tensor
@@ -138,7 +134,7 @@ class LlamaModel:
         q = xp.linear(x, lw.q_proj, lw.q_bias).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
         k = xp.linear(x, lw.k_proj, lw.k_bias).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
         v = xp.linear(x, lw.v_proj, lw.v_bias).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        cos, sin = cos_sin(self.inv_freq, positions, q.dtype)
+        cos, sin = cos_sin(self.inv_freq, positions, self.dtype)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def finish_layer(self, layer: int, hidden: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -153,13 +149,11 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.xp.rms_norm(hidden, self.norm, self.config.rms_norm_eps)
-        return self.xp.linear(x, self.lm_head).float()
+        return self.xp.to_logits(self.xp.linear(x, self.lm_head))
 
     # ------------------------------------------------------------------ dense forward
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Dense causal forward; ``attention_mask [B, T]`` (1 = real token) allows right padding."""
-        from mpckv.plaintext.attention import prefill_attention
-
         b, t = input_ids.shape
         ids = input_ids.to(self.device)
         lengths = (
@@ -171,6 +165,6 @@ class LlamaModel:
         hidden = self.embed(ids)
         for layer in range(self.config.num_hidden_layers):
             q, k, v = self.qkv(layer, hidden, positions)
-            attn = prefill_attention(q, k, v, lengths, self.scale, self.config.sliding_window)
+            attn = self.xp.prefill_attention(q, k, v, lengths, self.scale, self.config.sliding_window)
             hidden = self.finish_layer(layer, hidden, attn)
         return self.logits(hidden)
