@@ -102,10 +102,14 @@ class Budget:
     def validate(self, num_layers: int, num_kv_heads: int) -> None:
         """Check that per-layer/per-head budgets match the model's shape."""
         if self.kind == "per_layer" and len(self.value) != num_layers:
-            raise BudgetError(f"per-layer budget has {len(self.value)} entries, model has {num_layers} layers")
+            raise BudgetError(
+                f"per-layer budget has {len(self.value)} entries, model has {num_layers} layers"
+            )
         if self.kind == "per_head":
             if len(self.value) != num_layers:
-                raise BudgetError(f"per-head budget has {len(self.value)} rows, model has {num_layers} layers")
+                raise BudgetError(
+                    f"per-head budget has {len(self.value)} rows, model has {num_layers} layers"
+                )
             bad = [i for i, row in enumerate(self.value) if len(row) != num_kv_heads]
             if bad:
                 raise BudgetError(f"per-head budget rows {bad} do not have {num_kv_heads} KV-head entries")

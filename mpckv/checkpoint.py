@@ -69,7 +69,9 @@ class _Taker:
     def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str):
         self.t, self.dtype, self.device = tensors, dtype, device
 
-    def __call__(self, name: str, shape: tuple[int, ...] | None, optional: bool = False) -> torch.Tensor | None:
+    def __call__(
+        self, name: str, shape: tuple[int, ...] | None, optional: bool = False
+    ) -> torch.Tensor | None:
         if name not in self.t:
             if optional:
                 return None
@@ -102,8 +104,14 @@ def load_model(
         ``"cpu"``, ``"cuda"``, ``"cuda:1"``, …
     """
     if isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        names = {
+            "float32": torch.float32,
+            "fp32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp16": torch.float16,
+        }
         if dtype not in names:
             raise CheckpointError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
         dtype = names[dtype]
@@ -151,17 +159,30 @@ def save_model(model: LlamaModel, path: str | Path, extra_config: dict[str, obje
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": model.embed_tokens, "model.norm.weight": model.norm}
+    tensors: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": model.embed_tokens,
+        "model.norm.weight": model.norm,
+    }
     if model.lm_head is not model.embed_tokens:
         tensors["lm_head.weight"] = model.lm_head
-    names = {"input_norm": "input_layernorm.weight", "post_norm": "post_attention_layernorm.weight",
-             "q_proj": "self_attn.q_proj.weight", "k_proj": "self_attn.k_proj.weight",
-             "v_proj": "self_attn.v_proj.weight", "o_proj": "self_attn.o_proj.weight",
-             "gate_proj": "mlp.gate_proj.weight", "up_proj": "mlp.up_proj.weight",
-             "down_proj": "mlp.down_proj.weight", "q_bias": "self_attn.q_proj.bias",
-             "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias",
-             "o_bias": "self_attn.o_proj.bias", "gate_bias": "mlp.gate_proj.bias",
-             "up_bias": "mlp.up_proj.bias", "down_bias": "mlp.down_proj.bias"}
+    names = {
+        "input_norm": "input_layernorm.weight",
+        "post_norm": "post_attention_layernorm.weight",
+        "q_proj": "self_attn.q_proj.weight",
+        "k_proj": "self_attn.k_proj.weight",
+        "v_proj": "self_attn.v_proj.weight",
+        "o_proj": "self_attn.o_proj.weight",
+        "gate_proj": "mlp.gate_proj.weight",
+        "up_proj": "mlp.up_proj.weight",
+        "down_proj": "mlp.down_proj.weight",
+        "q_bias": "self_attn.q_proj.bias",
+        "k_bias": "self_attn.k_proj.bias",
+        "v_bias": "self_attn.v_proj.bias",
+        "o_bias": "self_attn.o_proj.bias",
+        "gate_bias": "mlp.gate_proj.bias",
+        "up_bias": "mlp.up_proj.bias",
+        "down_bias": "mlp.down_proj.bias",
+    }
     for i, lw in enumerate(model.layers):
         for attr, hf in names.items():
             t = getattr(lw, attr)
@@ -170,20 +191,37 @@ def save_model(model: LlamaModel, path: str | Path, extra_config: dict[str, obje
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / "model.safetensors"))
     rope = cfg.rope
     raw: dict[str, object] = {
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                           "mistral": "MistralForCausalLM"}[cfg.model_type]],
-        "model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": rope.theta,
-        "attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias,
-        "tie_word_embeddings": cfg.tie_word_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
-        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "torch_dtype": "float32",
+        "architectures": [
+            {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[
+                cfg.model_type
+            ]
+        ],
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": rope.theta,
+        "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": "float32",
     }
     if rope.rope_type != "default":
-        raw["rope_scaling"] = {"rope_type": rope.rope_type, "factor": rope.factor,
-                               "low_freq_factor": rope.low_freq_factor, "high_freq_factor": rope.high_freq_factor,
-                               "original_max_position_embeddings": rope.original_max_position_embeddings}
+        raw["rope_scaling"] = {
+            "rope_type": rope.rope_type,
+            "factor": rope.factor,
+            "low_freq_factor": rope.low_freq_factor,
+            "high_freq_factor": rope.high_freq_factor,
+            "original_max_position_embeddings": rope.original_max_position_embeddings,
+        }
     if cfg.sliding_window is not None:
         raw["sliding_window"] = cfg.sliding_window
     raw.update(extra_config or {})

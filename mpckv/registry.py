@@ -80,6 +80,10 @@ def get_method(name: str, **params: Any) -> Any:
     if len(parts) > 1:
         from mpckv.plaintext.methods.compose import Composed
 
+        accepted = {f for p in parts for f in getattr(method_class(p), "__dataclass_fields__", {})}
+        unknown = [k for k in params if k not in accepted]
+        if unknown:
+            raise ConfigError(f"no part of {name!r} takes parameter(s) {unknown}")
         return Composed([_build(p, params, lenient=True) for p in parts])
     return _build(parts[0], params, lenient=False)
 
@@ -89,9 +93,8 @@ def _build(name: str, params: dict[str, Any], lenient: bool) -> Any:
     fields = getattr(cls, "__dataclass_fields__", {})
     unknown = [k for k in params if k not in fields]
     if unknown and not lenient:
-        raise ConfigError(
-            f"method {name!r} has no parameter(s) {unknown}; it takes {sorted(f for f in fields if f[0] != '_')}"
-        )
+        takes = sorted(f for f in fields if f[0] != "_")
+        raise ConfigError(f"method {name!r} has no parameter(s) {unknown}; it takes {takes}")
     try:
         return cls(**{k: v for k, v in params.items() if k in fields})
     except TypeError as exc:

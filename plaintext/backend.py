@@ -36,14 +36,30 @@ class Backend(Protocol):
 
     def prepare_input(self, input_ids: Any, device: torch.device) -> tuple[Any, torch.Tensor]: ...
 
-    def new_cache(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                  device: torch.device) -> Any: ...
+    def new_cache(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Any: ...
 
-    def prefill_attention(self, q: Any, k: Any, v: Any, lengths: torch.Tensor, scale: float,
-                          sliding_window: int | None) -> Any: ...
+    def prefill_attention(
+        self, q: Any, k: Any, v: Any, lengths: torch.Tensor, scale: float, sliding_window: int | None
+    ) -> Any: ...
 
-    def cache_attention(self, q: Any, k: Any, v: Any, lengths: torch.Tensor, scale: float,
-                        keep: torch.Tensor | None, return_probs: bool) -> tuple[Any, Any | None]: ...
+    def cache_attention(
+        self,
+        q: Any,
+        k: Any,
+        v: Any,
+        lengths: torch.Tensor,
+        scale: float,
+        keep: torch.Tensor | None,
+        return_probs: bool,
+    ) -> tuple[Any, Any | None]: ...
 
     def take_rows(self, x: Any, index: torch.Tensor) -> Any: ...
 
@@ -117,21 +133,42 @@ class TorchBackend:
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         return ids.to(device), torch.tensor([len(s) for s in seqs], dtype=torch.long, device=device)
 
-    def new_cache(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                  device: torch.device) -> Any:
+    def new_cache(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Any:
         from mpckv.plaintext.kv_cache import KVCache
 
         return KVCache(num_layers, batch, kv_heads, head_dim, dtype, device)
 
-    def prefill_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                          scale: float, sliding_window: int | None) -> torch.Tensor:
+    def prefill_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lengths: torch.Tensor,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
         from mpckv.plaintext.attention import prefill_attention
 
         return prefill_attention(q, k, v, lengths, scale, sliding_window)
 
-    def cache_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
-                        scale: float, keep: torch.Tensor | None,
-                        return_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def cache_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        lengths: torch.Tensor,
+        scale: float,
+        keep: torch.Tensor | None,
+        return_probs: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         from mpckv.plaintext.attention import cache_attention
 
         return cache_attention(q, k, v, lengths, scale, keep, return_probs)

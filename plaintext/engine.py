@@ -104,8 +104,9 @@ class Engine:
         model, cfg, xp = self.model, self.model.config, self.model.xp
         ids, lengths = xp.prepare_input(input_ids, model.device)
         b, t = ids.shape[0], ids.shape[1]
-        cache = xp.new_cache(cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, model.dtype,
-                             model.device)
+        cache = xp.new_cache(
+            cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device
+        )
         states: list[dict[str, Any]] = [{} for _ in range(cfg.num_hidden_layers)]
         positions = torch.arange(t, device=model.device).expand(b, t)
         hidden = model.embed(ids)
@@ -113,14 +114,22 @@ class Engine:
             q, k, v = model.qkv(layer, hidden, positions)
             cache[layer].append(k, v, positions, counts=lengths)
             attn = xp.prefill_attention(q, k, v, lengths, model.scale, cfg.sliding_window)
-            ctx = PrefillContext(layer, cfg, cache[layer], q, lengths, model.scale, states[layer],
-                                 model.inv_freq, states)
+            ctx = PrefillContext(
+                layer, cfg, cache[layer], q, lengths, model.scale, states[layer], model.inv_freq, states
+            )
             self.method.on_prefill(ctx)
             hidden = model.finish_layer(layer, hidden, attn)
         logits = model.logits(xp.last_hidden(hidden, lengths)[:, None])[:, 0]
-        return Session(cache=cache, positions=lengths.clone(), prompt_lengths=lengths, states=states,
-                       logits=logits, read_sums=[0.0] * cfg.num_hidden_layers,
-                       peak_cache_bytes=cache.nbytes(), dense_lengths=lengths.clone())
+        return Session(
+            cache=cache,
+            positions=lengths.clone(),
+            prompt_lengths=lengths,
+            states=states,
+            logits=logits,
+            read_sums=[0.0] * cfg.num_hidden_layers,
+            peak_cache_bytes=cache.nbytes(),
+            dense_lengths=lengths.clone(),
+        )
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
@@ -137,8 +146,17 @@ class Engine:
         for layer in range(cfg.num_hidden_layers):
             q, k, v = model.qkv(layer, hidden, pos[:, None])
             lc = session.cache[layer]
-            ctx = DecodeContext(layer, cfg, lc, q[:, :, 0], pos, session.step, model.scale,
-                                session.states[layer], session.states)
+            ctx = DecodeContext(
+                layer,
+                cfg,
+                lc,
+                q[:, :, 0],
+                pos,
+                session.step,
+                model.scale,
+                session.states[layer],
+                session.states,
+            )
             self.method.before_append(ctx)
             lc.append(k, v, pos[:, None])
             sel = self.method.select(ctx)
@@ -152,15 +170,18 @@ class Engine:
         session.logits = model.logits(hidden)[:, 0]
         return session.logits
 
-    def _attend(self, ctx: DecodeContext, sel: Selection | None, session: Session, layer: int) -> torch.Tensor:
+    def _attend(
+        self, ctx: DecodeContext, sel: Selection | None, session: Session, layer: int
+    ) -> torch.Tensor:
         lc, cfg, xp = ctx.cache, ctx.config, self.model.xp
         need_probs = self.method.needs_decode_probs
         keep = None
         if cfg.sliding_window is not None:
             keep = lc.positions() > (ctx.positions[:, None, None] - cfg.sliding_window)
         if sel is None:
-            out, probs = xp.cache_attention(ctx.q, lc.keys(), lc.values(), lc.lengths, ctx.scale, keep,
-                                            need_probs)
+            out, probs = xp.cache_attention(
+                ctx.q, lc.keys(), lc.values(), lc.lengths, ctx.scale, keep, need_probs
+            )
             session.read_sums[layer] += float(lc.lengths.float().mean())
         else:
             b = sel.index.shape[0]
@@ -231,14 +252,19 @@ class Engine:
         dense_len = s.dense_lengths.float().mean().item() if s.dense_lengths is not None else 1.0
         cfg = self.model.config
         per_entry = 2 * cfg.head_dim * self.model.embed_tokens.element_size()
-        dense_bytes = int(s.dense_lengths.sum()) * cfg.num_key_value_heads * cfg.num_hidden_layers * per_entry \
-            if s.dense_lengths is not None else 0
+        dense_bytes = (
+            int(s.dense_lengths.sum()) * cfg.num_key_value_heads * cfg.num_hidden_layers * per_entry
+            if s.dense_lengths is not None
+            else 0
+        )
         return GenerationStats(
             method=self.method_label,
             prompt_lengths=s.prompt_lengths.tolist(),
             new_tokens=[len(o) for o in out],
             kept_per_layer=[round(x, 3) for x in kept],
-            read_per_layer=[round(x / steps, 3) for x in s.read_sums] if s.step else [round(x, 3) for x in kept],
+            read_per_layer=[round(x / steps, 3) for x in s.read_sums]
+            if s.step
+            else [round(x, 3) for x in kept],
             kept_fraction=round(sum(kept) / (len(kept) * max(dense_len, 1.0)), 5),
             cache_bytes=s.cache.nbytes(),
             live_cache_bytes=s.cache.live_bytes(),

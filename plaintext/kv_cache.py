@@ -89,8 +89,13 @@ class LayerCache:
         self.k, self.v, self.pos = pad(self.k), pad(self.v), pad(self.pos)
         self.meta = {name: pad(t) for name, t in self.meta.items()}
 
-    def append(self, k_new: torch.Tensor, v_new: torch.Tensor, pos_new: torch.Tensor,
-               counts: torch.Tensor | None = None) -> None:
+    def append(
+        self,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        pos_new: torch.Tensor,
+        counts: torch.Tensor | None = None,
+    ) -> None:
         """Append ``T`` entries per row: ``k_new, v_new [B, Hk, T, d]``, ``pos_new [B, T]``.
 
         ``counts [B]`` (default ``T``) says how many of the ``T`` are real for each sequence (right padding
@@ -144,8 +149,15 @@ class LayerCache:
 class KVCache:
     """All layers' caches for one batch of sequences."""
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device):
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         self.layers = [LayerCache(batch, kv_heads, head_dim, dtype, device) for _ in range(num_layers)]
 
     def __getitem__(self, layer: int) -> LayerCache:

@@ -18,16 +18,33 @@ def hf_config(arch: str, **overrides):
     """A tiny transformers config of ``arch`` (llama | qwen2 | mistral | llama3 | tied | linear)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
-    base = dict(vocab_size=300, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                rms_norm_eps=1e-5)
+    base = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+    )
     if arch == "llama":
         cfg = LlamaConfig(**base)
     elif arch == "llama3":
-        cfg = LlamaConfig(**base, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+        cfg = LlamaConfig(
+            **base,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        )
     elif arch == "linear":
-        cfg = LlamaConfig(**{**base, "num_key_value_heads": 4}, rope_scaling={"rope_type": "linear", "factor": 2.0})
+        cfg = LlamaConfig(
+            **{**base, "num_key_value_heads": 4}, rope_scaling={"rope_type": "linear", "factor": 2.0}
+        )
     elif arch == "tied":
         cfg = LlamaConfig(**{**base, "num_key_value_heads": 1}, tie_word_embeddings=True)
     elif arch == "qwen2":

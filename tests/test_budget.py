@@ -7,15 +7,25 @@ from mpckv import Budget, BudgetError
 
 @pytest.mark.parametrize(
     ("spec", "kind", "value"),
-    [(0.1, "ratio", 0.1), (1.0, "ratio", 1.0), (256, "tokens", 256), ("0.25", "ratio", 0.25), ("64", "tokens", 64),
-     (128.0, "tokens", 128), ("[0.2, 16]", "per_layer", (0.2, 16)), ([[4, 8], [0.5, 1.0]], "per_head", ((4, 8), (0.5, 1.0)))],
+    [
+        (0.1, "ratio", 0.1),
+        (1.0, "ratio", 1.0),
+        (256, "tokens", 256),
+        ("0.25", "ratio", 0.25),
+        ("64", "tokens", 64),
+        (128.0, "tokens", 128),
+        ("[0.2, 16]", "per_layer", (0.2, 16)),
+        ([[4, 8], [0.5, 1.0]], "per_head", ((4, 8), (0.5, 1.0))),
+    ],
 )
 def test_parse(spec, kind, value):
     b = Budget.parse(spec)
     assert (b.kind, b.value) == (kind, value)
 
 
-@pytest.mark.parametrize("spec", [0.0, -0.1, 1.5, -3, 0, "abc", "", None, True, float("nan"), [], [[]], "[1, -2]", {"a": 1}])
+@pytest.mark.parametrize(
+    "spec", [0.0, -0.1, 1.5, -3, 0, "abc", "", None, True, float("nan"), [], [[]], "[1, -2]", {"a": 1}]
+)
 def test_rejects(spec):
     with pytest.raises(BudgetError):
         Budget.parse(spec)

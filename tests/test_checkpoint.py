@@ -39,7 +39,9 @@ def test_errors(checkpoint_factory, tmp_path):
         mpckv.load_model(tmp_path / "missing")
     d = _copy(path, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    (d / "config.json").write_text(
+        json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    )
     with pytest.raises(CheckpointError, match="unsupported architecture"):
         mpckv.load_model(d)
     (d / "config.json").write_text("{not json")

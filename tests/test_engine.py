@@ -35,16 +35,18 @@ def test_sampling_is_seeded(tiny_random_model):
     cfg = SamplingConfig(temperature=1.0, top_k=50, top_p=0.9, seed=3)
     a = eng.generate([[1, 2, 3]], max_new_tokens=8, sampling=cfg, stop_tokens=[])
     b = eng.generate([[1, 2, 3]], max_new_tokens=8, sampling=cfg, stop_tokens=[])
-    c = eng.generate([[1, 2, 3]], max_new_tokens=8, sampling=SamplingConfig(temperature=1.0, seed=4),
-                     stop_tokens=[])
+    c = eng.generate(
+        [[1, 2, 3]], max_new_tokens=8, sampling=SamplingConfig(temperature=1.0, seed=4), stop_tokens=[]
+    )
     assert a.tokens == b.tokens and a.tokens != c.tokens
 
 
 def test_top_k_one_is_greedy(tiny_random_model):
     eng = mpckv.Engine(tiny_random_model)
     g = eng.generate([[1, 2, 3]], max_new_tokens=6, stop_tokens=[])
-    s = eng.generate([[1, 2, 3]], max_new_tokens=6, sampling=SamplingConfig(temperature=0.7, top_k=1),
-                     stop_tokens=[])
+    s = eng.generate(
+        [[1, 2, 3]], max_new_tokens=6, sampling=SamplingConfig(temperature=0.7, top_k=1), stop_tokens=[]
+    )
     assert g.tokens == s.tokens
 
 
@@ -67,8 +69,9 @@ def test_errors(tiny_random_model):
 def test_bf16_runs(checkpoint_factory):
     path, _ = checkpoint_factory("llama")
     model = mpckv.load_model(path, dtype="bfloat16")
-    res = mpckv.Engine(model, "streamingllm", sinks=2, window=4).generate([[1, 2, 3, 4, 5, 6, 7, 8]], 4,
-                                                                          stop_tokens=[])
+    res = mpckv.Engine(model, "streamingllm", sinks=2, window=4).generate(
+        [[1, 2, 3, 4, 5, 6, 7, 8]], 4, stop_tokens=[]
+    )
     assert len(res.tokens[0]) == 4 and res.stats.kept_per_layer == [6.0] * 3
 
 

@@ -45,7 +45,7 @@ def test_full_budget_is_dense(name, tiny_random_model):
     eng = _engine(tiny_random_model, name, N + NEW + 4)
     ds, ms = dense_eng.prefill([p]), eng.prefill([p])
     torch.testing.assert_close(ms.logits, ds.logits, atol=1e-5, rtol=1e-5)
-    for t in range(NEW):
+    for _t in range(NEW):
         tok = ds.logits.argmax(-1)
         torch.testing.assert_close(eng.decode(ms, tok), dense_eng.decode(ds, tok), atol=1e-5, rtol=1e-5)
     assert ms.cache.mean_lengths() == ds.cache.mean_lengths()
@@ -56,7 +56,7 @@ def test_kept_entries_are_valid(name, tiny_random_model):
     """Kept positions are unique, in range, and the cache never grows beyond dense."""
     eng = _engine(tiny_random_model, name, 0.25)
     s = eng.prefill([_prompt(N), _prompt(N - 17, 1)])
-    for t in range(NEW):
+    for _t in range(NEW):
         eng.decode(s, s.logits.argmax(-1))
         assert s.dense_lengths is not None
         for lc in s.cache.layers:

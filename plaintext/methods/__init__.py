@@ -1,6 +1,14 @@
 """Built-in KV methods. Importing this package registers them."""
 
-from mpckv.plaintext.methods import dense, quest, streamingllm  # noqa: F401
+from mpckv.plaintext.methods import (  # noqa: F401
+    dense,
+    h2o,
+    h2o_window,
+    pyramidkv,
+    quest,
+    snapkv,
+    streamingllm,
+)
 from mpckv.plaintext.methods.base import DecodeContext, KVMethod, PrefillContext, Selection
 
 __all__ = ["DecodeContext", "KVMethod", "PrefillContext", "Selection"]

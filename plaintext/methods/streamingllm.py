@@ -48,17 +48,23 @@ class StreamingLLM(KVMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.sinks < 0 or self.window < 1:
-            raise ConfigError(f"streamingllm needs sinks >= 0 and window >= 1, got {self.sinks}, {self.window}")
+            raise ConfigError(
+                f"streamingllm needs sinks >= 0 and window >= 1, got {self.sinks}, {self.window}"
+            )
 
     def check(self, config: ModelConfig) -> None:
         super().check(config)
         if self._budget is not None and self._budget.kind not in ("ratio", "tokens"):
-            raise BudgetError("streamingllm takes one ratio or token budget (the pattern is shared by all heads)")
+            raise BudgetError(
+                "streamingllm takes one ratio or token budget (the pattern is shared by all heads)"
+            )
 
     def capacity(self, prompt_len: int) -> int:
         """Total kept entries (sinks + window) for a prompt of ``prompt_len`` tokens."""
         if self._budget is None:
             return self.sinks + self.window
+        if self._budget.kind == "tokens":  # an absolute capacity also bounds the decode-time growth
+            return max(int(self._budget.value), self.sinks + 1)
         return max(self._budget.tokens_for(prompt_len), self.sinks + 1)
 
     def _keep_pattern(self, cache: LayerCache, caps: torch.Tensor) -> None:
