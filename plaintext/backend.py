@@ -65,6 +65,10 @@ class Backend(Protocol):
 
     def last_hidden(self, hidden: Any, lengths: torch.Tensor) -> Any: ...
 
+    def next_token(
+        self, logits: Any, sampling: Any, gen: torch.Generator
+    ) -> tuple[Any, list[int] | None]: ...
+
 
 class TorchBackend:
     """Plaintext backend on torch tensors (CPU or CUDA)."""
@@ -181,6 +185,15 @@ class TorchBackend:
     def last_hidden(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Hidden state of each sequence's last real token: ``[B, T, D]`` → ``[B, D]``."""
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]
+
+    def next_token(
+        self, logits: torch.Tensor, sampling: Any, gen: torch.Generator
+    ) -> tuple[torch.Tensor, list[int] | None]:
+        """Choose the next token of every sequence: (what to feed back, the ids this party sees)."""
+        from mpckv.plaintext.sampling import sample_next
+
+        nxt = sample_next(logits, sampling, gen)
+        return nxt, nxt.tolist()
 
 
 TORCH = TorchBackend()

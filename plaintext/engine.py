@@ -18,7 +18,7 @@ from mpckv.errors import ConfigError, ShapeError
 from mpckv.plaintext.kv_cache import KVCache
 from mpckv.plaintext.methods.base import DecodeContext, KVMethod, PrefillContext, Selection
 from mpckv.plaintext.model import LlamaModel
-from mpckv.plaintext.sampling import SamplingConfig, sample_next
+from mpckv.plaintext.sampling import SamplingConfig
 
 
 @dataclass
@@ -208,27 +208,53 @@ class Engine:
         stop_tokens: Sequence[int] | None = None,
         progress: bool = False,
     ) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` per sequence (greedy unless ``sampling`` says otherwise).
+        """Prefill ``input_ids`` and generate up to ``max_new_tokens`` per sequence.
 
-        ``stop_tokens`` defaults to the model's ``eos_token_id``; pass ``[]`` to disable.
+        Greedy unless ``sampling`` says otherwise. ``stop_tokens`` defaults to the model's
+        ``eos_token_id``; pass ``[]`` to disable. Under MPC the output length is public, so stop tokens
+        are ignored there and exactly ``max_new_tokens`` are produced.
         """
         if max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        sampling = sampling or SamplingConfig()
-        stops = set(self.model.config.stop_token_ids if stop_tokens is None else stop_tokens)
-        gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
         t0 = time.perf_counter()
         session = self.prefill(input_ids)
         _sync(self.model.device)
-        prefill_s = time.perf_counter() - t0
+        return self.continue_generation(
+            session,
+            max_new_tokens,
+            sampling=sampling,
+            stop_tokens=stop_tokens,
+            progress=progress,
+            prefill_s=time.perf_counter() - t0,
+        )
+
+    def continue_generation(
+        self,
+        session: Session,
+        max_new_tokens: int,
+        *,
+        sampling: SamplingConfig | None = None,
+        stop_tokens: Sequence[int] | None = None,
+        progress: bool = False,
+        prefill_s: float = 0.0,
+    ) -> GenerationResult:
+        """Generate from an existing session (e.g. after :meth:`extend` fed a question)."""
+        if max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        xp = self.model.xp
+        sampling = sampling or SamplingConfig()
+        stops = set(self.model.config.stop_token_ids if stop_tokens is None else stop_tokens)
+        if xp.secure:
+            stops = set()
+        gen = torch.Generator(device="cpu").manual_seed(sampling.seed)
         b = session.positions.shape[0]
         out: list[list[int]] = [[] for _ in range(b)]
         done = [False] * b
         t1 = time.perf_counter()
         bar = _progress(max_new_tokens, progress)
         for i in range(max_new_tokens):
-            nxt = sample_next(session.logits, sampling, gen)
-            for j, tok in enumerate(nxt.tolist()):
+            feed, visible = xp.next_token(session.logits, sampling, gen)
+            for j, tok in enumerate(visible or []):
                 if done[j]:
                     continue
                 if tok in stops:
@@ -239,7 +265,7 @@ class Engine:
                 bar.update(1)
             if all(done) or i == max_new_tokens - 1:
                 break
-            self.decode(session, nxt)
+            self.decode(session, feed)
         if bar is not None:
             bar.close()
         _sync(self.model.device)

@@ -82,3 +82,18 @@ def test_cuda_matches_cpu(checkpoint_factory):
     cpu = mpckv.Engine(mpckv.load_model(path)).generate([[5, 6, 7]], 8, stop_tokens=[])
     gpu = mpckv.Engine(mpckv.load_model(path, device="cuda")).generate([[5, 6, 7]], 8, stop_tokens=[])
     assert cpu.tokens == gpu.tokens
+
+
+def test_extend_then_continue_equals_full_prompt(tiny_random_model):
+    """Feeding a question through decode steps after prefill == prefilling context + question (dense)."""
+    eng = mpckv.Engine(tiny_random_model)
+    ctx_ids, question = list(range(10, 40)), [5, 6, 7, 8]
+    full = eng.generate([ctx_ids + question], 6, stop_tokens=[])
+    s = eng.prefill([ctx_ids])
+    logits = eng.extend(s, torch.tensor([question]))
+    assert logits.shape == (1, 4, tiny_random_model.config.vocab_size)
+    torch.testing.assert_close(logits[:, -1], eng.prefill([ctx_ids + question]).logits, atol=1e-5, rtol=1e-5)
+    cont = eng.continue_generation(s, 6, stop_tokens=[])
+    assert cont.tokens == full.tokens
+    with pytest.raises(ShapeError):
+        eng.extend(s, torch.tensor([[1, 2], [3, 4]]))
