@@ -170,6 +170,23 @@ class Engine:
         session.logits = model.logits(hidden)[:, 0]
         return session.logits
 
+    @torch.no_grad()
+    def extend(self, session: Session, tokens: Any) -> torch.Tensor:
+        """Teacher-force ``tokens [B, T]`` through decode steps (one per column) and return the logits
+        after each of them, ``[B, T, V]``.
+
+        This is how a question is fed *after* the context was compressed (query-agnostic evaluation) and
+        how fidelity against dense is measured on a fixed continuation. Methods see every fed token as a
+        decode step (decode-time eviction keeps running).
+        """
+        toks = torch.as_tensor(tokens, device=self.model.device)
+        if toks.dim() == 1:
+            toks = toks[None]
+        b = session.positions.shape[0]
+        if toks.dim() != 2 or toks.shape[0] != b:
+            raise ShapeError(f"extend expects tokens [{b}, T], got {tuple(toks.shape)}")
+        return torch.stack([self.decode(session, toks[:, i]) for i in range(toks.shape[1])], dim=1)
+
     def _attend(
         self, ctx: DecodeContext, sel: Selection | None, session: Session, layer: int
     ) -> torch.Tensor:
