@@ -8,6 +8,8 @@ additive mask is a large constant that breaks fixed-point arithmetic under MPC.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -21,6 +23,8 @@ class Backend(Protocol):
 
     name: str
     secure: bool
+
+    def scope(self, phase: str | None = None, layer: int | None = None) -> Any: ...
 
     def linear(self, x: Any, weight: Any, bias: Any | None = None) -> Any: ...
 
@@ -75,6 +79,11 @@ class TorchBackend:
 
     name = "torch"
     secure = False
+
+    @contextlib.contextmanager
+    def scope(self, phase: str | None = None, layer: int | None = None) -> Iterator[None]:
+        """Accounting labels (a no-op in plaintext; the secure backend counts communication per scope)."""
+        yield
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, weight, bias)

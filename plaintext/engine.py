@@ -109,17 +109,22 @@ class Engine:
         )
         states: list[dict[str, Any]] = [{} for _ in range(cfg.num_hidden_layers)]
         positions = torch.arange(t, device=model.device).expand(b, t)
-        hidden = model.embed(ids)
+        with xp.scope(phase="prefill"):
+            hidden = model.embed(ids)
         for layer in range(cfg.num_hidden_layers):
-            q, k, v = model.qkv(layer, hidden, positions)
-            cache[layer].append(k, v, positions, counts=lengths)
-            attn = xp.prefill_attention(q, k, v, lengths, model.scale, cfg.sliding_window)
+            with xp.scope(phase="prefill", layer=layer):
+                q, k, v = model.qkv(layer, hidden, positions)
+                cache[layer].append(k, v, positions, counts=lengths)
+                attn = xp.prefill_attention(q, k, v, lengths, model.scale, cfg.sliding_window)
             ctx = PrefillContext(
                 layer, cfg, cache[layer], q, lengths, model.scale, states[layer], model.inv_freq, states
             )
-            self.method.on_prefill(ctx)
-            hidden = model.finish_layer(layer, hidden, attn)
-        logits = model.logits(xp.last_hidden(hidden, lengths)[:, None])[:, 0]
+            with xp.scope(phase="method", layer=layer):
+                self.method.on_prefill(ctx)
+            with xp.scope(phase="prefill", layer=layer):
+                hidden = model.finish_layer(layer, hidden, attn)
+        with xp.scope(phase="prefill"):
+            logits = model.logits(xp.last_hidden(hidden, lengths)[:, None])[:, 0]
         return Session(
             cache=cache,
             positions=lengths.clone(),
@@ -142,10 +147,13 @@ class Engine:
         if tokens.shape[0] != b:
             raise ShapeError(f"decode expects one token per sequence ({b}), got {tokens.shape[0]}")
         pos = session.positions
-        hidden = model.embed(tokens[:, None])
+        xp = model.xp
+        with xp.scope(phase="decode"):
+            hidden = model.embed(tokens.unsqueeze(1))
         for layer in range(cfg.num_hidden_layers):
-            q, k, v = model.qkv(layer, hidden, pos[:, None])
             lc = session.cache[layer]
+            with xp.scope(phase="decode", layer=layer):
+                q, k, v = model.qkv(layer, hidden, pos[:, None])
             ctx = DecodeContext(
                 layer,
                 cfg,
@@ -157,17 +165,20 @@ class Engine:
                 session.states[layer],
                 session.states,
             )
-            self.method.before_append(ctx)
-            lc.append(k, v, pos[:, None])
-            sel = self.method.select(ctx)
-            out = self._attend(ctx, sel, session, layer)
-            hidden = model.finish_layer(layer, hidden, out[:, :, None])
+            with xp.scope(phase="selection", layer=layer):
+                self.method.before_append(ctx)
+                lc.append(k, v, pos[:, None])
+                sel = self.method.select(ctx)
+            with xp.scope(phase="decode", layer=layer):
+                out = self._attend(ctx, sel, session, layer)
+                hidden = model.finish_layer(layer, hidden, out[:, :, None])
         session.positions = pos + 1
         session.step += 1
         assert session.dense_lengths is not None
         session.dense_lengths = session.dense_lengths + 1
         session.peak_cache_bytes = max(session.peak_cache_bytes, session.cache.nbytes())
-        session.logits = model.logits(hidden)[:, 0]
+        with xp.scope(phase="decode"):
+            session.logits = model.logits(hidden)[:, 0]
         return session.logits
 
     @torch.no_grad()
@@ -294,7 +305,7 @@ class Engine:
         steps = max(s.step, 1)
         dense_len = s.dense_lengths.float().mean().item() if s.dense_lengths is not None else 1.0
         cfg = self.model.config
-        per_entry = 2 * cfg.head_dim * self.model.embed_tokens.element_size()
+        per_entry = 2 * cfg.head_dim * s.cache[0].element_bytes
         dense_bytes = (
             int(s.dense_lengths.sum()) * cfg.num_key_value_heads * cfg.num_hidden_layers * per_entry
             if s.dense_lengths is not None

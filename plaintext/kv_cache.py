@@ -40,6 +40,10 @@ class LayerCache:
     def max_length(self) -> int:
         return int(self.lengths.max()) if self.lengths.numel() else 0
 
+    @property
+    def element_bytes(self) -> int:
+        return self.k.element_size()
+
     def keys(self) -> torch.Tensor:
         """Live view ``[B, Hk, max_length, d]``."""
         return self.k[:, :, : self.max_length]
