@@ -1,0 +1,262 @@
+"""Run a function in real CrypTen party processes, for tests (CrypTen's ``MultiProcessTestCase`` style).
+
+:func:`run_parties` spawns ``world_size`` party processes (and, with ``ttp=True``, a dealer process at
+rank ``world_size`` running CrypTen's ``TTPServer``), rendezvous over gloo on a private ``file://`` store
+(or ``tcp://127.0.0.1:<free port>``), calls ``crypten.init()`` with the chosen provider and protocol in
+each party, runs ``fn(*args)`` and returns the per-rank results. Nothing hangs:
+
+* the first rank that raises makes the parent kill every process and raise an ``AssertionError`` with
+  that rank's traceback;
+* at ``timeout`` seconds after launch every process is killed and the error says which ranks were
+  still running;
+* every process group gets the same timeout (:func:`mpckv.protocols.compat.set_collective_timeout`), so a
+  party blocked on a dead peer also fails by itself.
+
+``fn`` and ``args`` must be picklable (a module-level function: processes are spawned, not forked).
+
+Hypothesis inside parties: decorate the inner property with :func:`party_settings` (``derandomize=True``,
+no database, no deadline, no timing health check, no shrinking) so every party draws the same examples
+in the same order, and reveal (``get_plain_text()``) to all parties before asserting, so an assertion
+fails on every party at once. :func:`run_checks` batches many named checks into one launch, because
+process start-up (importing torch and CrypTen) dominates the cost of small tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["run_parties", "run_checks", "party_settings", "PartyFailure"]
+
+_PROTOCOLS = ("beaver", "replicated")
+
+
+class PartyFailure(AssertionError):
+    """A party raised, died or timed out; the message carries the party's traceback."""
+
+
+def party_settings(max_examples: int = 10, **overrides: Any) -> Any:
+    """Hypothesis settings under which every party draws the same examples (see module docstring)."""
+    from hypothesis import HealthCheck, Phase, settings
+
+    kw: dict[str, Any] = dict(
+        derandomize=True,
+        database=None,
+        deadline=None,
+        max_examples=max_examples,
+        suppress_health_check=list(HealthCheck),
+        phases=(Phase.explicit, Phase.generate),
+        print_blob=False,
+    )
+    kw.update(overrides)
+    return settings(**kw)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _party_main(
+    rank: int,
+    world_size: int,
+    rendezvous: str,
+    protocol: str,
+    ttp: bool,
+    timeout: float,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    results: Any,
+) -> None:
+    """Entry point of one spawned process (module level so that spawn can import it)."""
+    os.environ.update(
+        {
+            "WORLD_SIZE": str(world_size),
+            "RANK": str(rank),
+            "RENDEZVOUS": rendezvous,
+            "DISTRIBUTED_BACKEND": "gloo",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+    )
+    status, payload = "ok", None
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        from mpckv.protocols.compat import import_crypten, set_collective_timeout
+
+        set_collective_timeout(timeout)
+        crypten = import_crypten()
+        crypten.cfg.mpc.provider = "TTP" if ttp else "TFP"
+        crypten.cfg.mpc.protocol = protocol
+        if rank == world_size:  # the dealer: serves triples until party 0 sends "terminate"
+            from crypten.mpc.provider.ttp_provider import TTPServer
+
+            TTPServer()
+        else:
+            crypten.init()
+            torch.manual_seed(1234 + rank)
+            payload = fn(*args)
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        status, payload = "err", traceback.format_exc()
+    try:
+        results.put((rank, status, payload))
+    except Exception:  # unpicklable result
+        results.put((rank, "err", "result could not be pickled:\n" + traceback.format_exc()))
+    results.close()
+    results.join_thread()
+    if status == "err":
+        os._exit(1)
+    # Stay alive until the parent has every result and kills us: exiting now could reset sockets that a
+    # slower peer is still reading from. The parent's kill also stops the dealer.
+    while True:
+        time.sleep(60)
+
+
+def _kill_all(procs: Sequence[Any]) -> None:
+    started = [p for p in procs if p.pid is not None]
+    for p in started:
+        if p.is_alive():
+            p.kill()
+    for p in started:
+        p.join(timeout=5)
+
+
+def run_parties(
+    fn: Callable[..., Any],
+    world_size: int,
+    *,
+    protocol: str = "beaver",
+    ttp: bool = False,
+    timeout: float = 120,
+    args: tuple[Any, ...] = (),
+    rendezvous: str = "file",
+) -> list[Any]:
+    """Run ``fn(*args)`` in ``world_size`` CrypTen parties; return the list of per-rank return values.
+
+    Parameters
+    ----------
+    fn:
+        A picklable (module-level) callable; it runs after ``crypten.init()`` in every party.
+    world_size:
+        Number of computing parties (2 or 3 in tests; ``replicated`` needs exactly 3).
+    protocol:
+        ``"beaver"`` or ``"replicated"`` (``cfg.mpc.protocol``).
+    ttp:
+        Use the ``TTP`` provider with a dealer process at rank ``world_size``; otherwise ``TFP`` (party 0
+        deals: insecure, for measurement and tests).
+    timeout:
+        Seconds for the whole run, start-up included, and for each collective inside it.
+    rendezvous:
+        ``"file"`` (a fresh temp file, no port race) or ``"tcp"`` (127.0.0.1 and a free port).
+
+    Raises
+    ------
+    PartyFailure (an AssertionError)
+        When a party raises, dies or the timeout expires; every process is killed first.
+    """
+    if protocol not in _PROTOCOLS:
+        raise ValueError(f"protocol must be one of {_PROTOCOLS}, got {protocol!r}")
+    if world_size < 1:
+        raise ValueError("world_size must be >= 1")
+    if protocol == "replicated" and world_size != 3:
+        raise ValueError("the replicated protocol needs world_size == 3")
+    ctx = mp.get_context("spawn")
+    tmpdir = tempfile.mkdtemp(prefix="mpckv-parties-")
+    if rendezvous == "file":
+        url = "file://" + os.path.join(tmpdir, "rendezvous")
+    elif rendezvous == "tcp":
+        url = f"tcp://127.0.0.1:{_free_port()}"
+    else:
+        raise ValueError(f"rendezvous must be 'file' or 'tcp', got {rendezvous!r}")
+    results = ctx.Queue()
+    n_proc = world_size + (1 if ttp else 0)
+    procs = [
+        ctx.Process(
+            target=_party_main,
+            args=(rank, world_size, url, protocol, ttp, timeout, fn, args, results),
+            name=f"mpckv-party-{rank}",
+            daemon=True,
+        )
+        for rank in range(n_proc)
+    ]
+    deadline = time.monotonic() + timeout
+    out: dict[int, Any] = {}
+    reported: set[int] = set()
+    try:
+        for p in procs:
+            p.start()
+        while len(out) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                running = [r for r in range(world_size) if r not in out]
+                raise PartyFailure(
+                    f"run_parties timed out after {timeout:g} s; ranks still running: {running}"
+                )
+            try:
+                rank, status, payload = results.get(timeout=min(0.2, left))
+            except queue_mod.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in reported and p.exitcode is not None]
+                if not dead:
+                    continue
+                try:  # it may have reported just before exiting
+                    rank, status, payload = results.get(timeout=1.0)
+                except queue_mod.Empty:
+                    raise PartyFailure(
+                        f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode} without reporting"
+                    ) from None
+            reported.add(rank)
+            if status != "ok":
+                role = "dealer" if rank == world_size else "rank"
+                raise PartyFailure(f"{role} {rank} of {world_size} failed:\n{payload}")
+            if rank < world_size:
+                out[rank] = payload
+    finally:
+        _kill_all(procs)
+        results.close()
+        results.cancel_join_thread()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return [out[r] for r in range(world_size)]
+
+
+def _run_checks_entry(checks: Sequence[Callable[[], Any]]) -> dict[str, str | None]:
+    report: dict[str, str | None] = {}
+    for check in checks:
+        name = getattr(check, "__name__", repr(check))
+        try:
+            check()
+            report[name] = None
+        except Exception:
+            report[name] = traceback.format_exc()
+    return report
+
+
+def run_checks(
+    checks: Sequence[Callable[[], Any]],
+    world_size: int = 2,
+    **kwargs: Any,
+) -> dict[str, str | None]:
+    """Run many named checks in one launch; return ``{check.__name__: None | traceback}``.
+
+    A check that fails on every party (the usual case when asserting on revealed values) is reported and
+    the next check runs; a check that fails on some parties only desynchronises them, which the collective
+    timeout turns into a ``PartyFailure`` for the whole batch. Rank 0's report is returned; the ranks must
+    agree on which checks passed.
+    """
+    reports = run_parties(_run_checks_entry, world_size, args=(list(checks),), **kwargs)
+    first = reports[0]
+    for r, rep in enumerate(reports[1:], start=1):
+        if {k: v is None for k, v in rep.items()} != {k: v is None for k, v in first.items()}:
+            raise PartyFailure(f"ranks 0 and {r} disagree on which checks passed: {first} vs {rep}")
+    return first
