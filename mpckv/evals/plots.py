@@ -1,0 +1,93 @@
+"""PNG plots of eval records: one figure per suite, one subplot per length, one line per method.
+
+The x axis is the budget (log scale); dense is a dashed horizontal line. Question suites plot exact-match
+accuracy, ``ppl`` plots perplexity. Needs matplotlib (the ``eval`` extra); the Agg backend is used, so no
+display is required.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+_LINES = ("-", "-.", ":")
+
+
+def _metric(suite: str) -> tuple[str, str]:
+    return ("ppl", "perplexity") if suite == "ppl" else ("accuracy", "exact-match accuracy")
+
+
+def plot_suite(records: Sequence[dict[str, Any]], suite: str, path: str | Path) -> Path:
+    """Write the figure of one suite to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    key, label = _metric(suite)
+    recs = [r for r in records if r["suite"] == suite and isinstance(r.get(key), int | float)]
+    lengths = sorted({int(r["length"]) for r in recs})
+    modes = sorted({r["mode"] for r in recs})
+    fig, axes = plt.subplots(
+        1, max(1, len(lengths)), figsize=(4.2 * max(1, len(lengths)), 3.4), squeeze=False, sharey=True
+    )
+    for ax, length in zip(axes[0], lengths, strict=False):
+        at = [r for r in recs if int(r["length"]) == length]
+        budgets = sorted({float(r["budget"]) for r in at if r["budget"] is not None})
+        series: dict[str, dict[float, float]] = {}
+        for r in at:
+            name = r["method"] if len(modes) == 1 else f"{r['method']} [{r['mode']}]"
+            if r["budget"] is None:
+                ax.axhline(float(r[key]), linestyle="--", color="black", linewidth=1, label=f"{name} (full)")
+            else:
+                series.setdefault(name, {})[float(r["budget"])] = float(r[key])
+        for j, (name, pts) in enumerate(sorted(series.items())):
+            xs = sorted(pts)
+            style = {"marker": _MARKERS[j % len(_MARKERS)], "linestyle": _LINES[(j // 10) % len(_LINES)]}
+            ax.plot(xs, [pts[x] for x in xs], markersize=4, label=name, alpha=0.85, **style)
+        if budgets and min(budgets) > 0:
+            ax.set_xscale("log")
+            ax.set_xticks(budgets)
+            ax.set_xticklabels([f"{b:g}" for b in budgets], rotation=45, fontsize=7)
+            ax.minorticks_off()
+        ax.set_title(f"{suite}, length {length}", fontsize=9)
+        ax.set_xlabel("budget", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(label, fontsize=8)
+    if key == "accuracy":
+        axes[0][0].set_ylim(-0.03, 1.03)
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lab, h)
+    if legend:
+        fig.legend(
+            list(legend.values()),
+            list(legend),
+            loc="center left",
+            bbox_to_anchor=(1.0, 0.5),
+            fontsize=7,
+            frameon=False,
+        )
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_results(records: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """``out_dir/plot_<suite>.png`` for every suite in ``records``; ``[]`` (with a warning) without
+    matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.warning("matplotlib is not installed; skipping plots (pip install 'mpckv[eval]')")
+        return []
+    suites = list(dict.fromkeys(r["suite"] for r in records))
+    return [plot_suite(records, s, Path(out_dir) / f"plot_{s}.png") for s in suites]

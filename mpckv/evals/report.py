@@ -1,0 +1,185 @@
+"""Markdown tables from eval records: ``results.md`` of one run and the ``docs/RESULTS.md`` page.
+
+Tables are per suite: one row per method × budget (× mode / model when a run mixes several), one column per
+length. A question-answering cell reads ``acc% · kept/read`` (exact-match accuracy in percent, mean kept
+fraction of the KV cache, mean fraction of entries read per decode step, both relative to dense); a ``ppl``
+cell reads ``ppl · kept/read``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mpckv.errors import ConfigError
+from mpckv.evals import common
+
+LEGEND = (
+    "Cells: `accuracy % · kept/read` for question suites, `perplexity · kept/read` for `ppl`; kept = mean "
+    "fraction of the dense KV cache kept, read = mean fraction of dense entries read per decode step."
+)
+
+
+def _suite_order(records: Sequence[dict[str, Any]]) -> list[str]:
+    from mpckv.evals.suites import SUITES
+
+    present = {r["suite"] for r in records}
+    return [s for s in SUITES if s in present] + sorted(present - set(SUITES))
+
+
+def _budget_sort(b: Any) -> tuple[int, float]:
+    if b is None:
+        return (0, 0.0)
+    return (1, float(b)) if float(b) <= 1 else (2, float(b))
+
+
+def _fmt_budget(b: Any) -> str:
+    if b is None:
+        return "full"
+    return f"{b:g}" if isinstance(b, float) else f"{b} tok"
+
+
+def _cell_text(r: dict[str, Any]) -> str:
+    kept = r.get("kept_fraction")
+    read = r.get("read_fraction")
+    frac = f"{kept:.2f}/{read:.2f}" if kept is not None and read is not None else "?"
+    if r.get("suite") == "ppl" or r.get("accuracy") is None:
+        ppl = r.get("ppl")
+        return f"{ppl:.2f} · {frac}" if isinstance(ppl, int | float) else f"? · {frac}"
+    return f"{100 * r['accuracy']:.0f} · {frac}"
+
+
+def suite_table(records: Sequence[dict[str, Any]], suite: str) -> str:
+    """The markdown table of one suite (the last record wins when a row/length appears twice)."""
+    recs = [r for r in records if r["suite"] == suite]
+    modes = sorted({r["mode"] for r in recs})
+    models = sorted({r["model"] for r in recs})
+    lengths = sorted({int(r["length"]) for r in recs})
+    method_rank = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in recs))}
+    cells: dict[tuple[Any, ...], dict[int, str]] = {}
+    for r in recs:
+        row = (r["method"], r["budget"], r["mode"], r["model"])
+        cells.setdefault(row, {})[int(r["length"])] = _cell_text(r)
+    rows = sorted(
+        cells,
+        key=lambda k: (k[0] != "dense", method_rank[k[0]], _budget_sort(k[1]), k[2], k[3]),
+    )
+    head = (
+        ["method", "budget"] + (["mode"] if len(modes) > 1 else []) + (["model"] if len(models) > 1 else [])
+    )
+    lines = [
+        "| " + " | ".join(head + [f"L={n}" for n in lengths]) + " |",
+        "|" + "---|" * (len(head) + len(lengths)),
+    ]
+    for row in rows:
+        left = [f"`{row[0]}`", _fmt_budget(row[1])]
+        left += [row[2]] if len(modes) > 1 else []
+        left += [row[3]] if len(models) > 1 else []
+        vals = [cells[row].get(n, "—") for n in lengths]
+        lines.append("| " + " | ".join(left + vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(records: Sequence[dict[str, Any]], title: str = "Evaluation results") -> str:
+    """``results.md`` of one output directory."""
+    parts = [f"# {title}\n", LEGEND + "\n"]
+    models = sorted({r["model"] for r in records})
+    modes = sorted({r["mode"] for r in records})
+    if records:
+        parts.append(f"Model(s): {', '.join(models)}; mode(s): {', '.join(modes)}.\n")
+    for suite in _suite_order(records):
+        parts.append(f"## {suite}\n")
+        parts.append(suite_table(records, suite))
+    return "\n".join(parts)
+
+
+def fidelity_table(records: Sequence[dict[str, Any]]) -> str:
+    """Markdown table of :func:`mpckv.evals.fidelity.fidelity` records."""
+    lines = [
+        "| method | budget | top-1 agreement | mean KL(dense‖method) | max KL | kept | read | steps × n |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| `{r['method']}` | {_fmt_budget(r['budget'])} | {r['top1_agreement']:.3f} | "
+            f"{r['kl_mean']:.4g} | "
+            f"{r['kl_max']:.4g} | {r['kept_fraction']:.2f} | {r['read_fraction']:.2f} | "
+            f"{r['steps']} × {r['n']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    dirs: Sequence[str | Path],
+    out: str | Path,
+    command: str = "",
+    fidelity: Sequence[str | Path] = (),
+) -> Path:
+    """Write the results page (``docs/RESULTS.md``) from eval output directories.
+
+    Plots ``DIR/plot_<suite>.png`` are copied to ``<out dir>/img/<DIR name>_<suite>.png`` and linked.
+    ``fidelity`` lists JSON files written by ``mpckv fidelity --out``.
+    """
+    from mpckv.evals.runner import META, load_results
+    from mpckv.registry import list_methods
+
+    out = Path(out).expanduser()
+    img = out.parent / "img"
+    records: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    images: dict[str, list[str]] = {}
+    for d in map(Path, dirs):
+        if not (d / "results.json").is_file():
+            raise ConfigError(f"{d} has no results.json (run `mpckv eval --out {d}` first)")
+        records += load_results(d)
+        meta = common.read_json(d / META) if (d / META).is_file() else {}
+        latest = {(r.get("command"), r.get("model")): r for r in meta.get("runs", []) if isinstance(r, dict)}
+        runs += [dict(r, dir=str(d)) for r in latest.values()]
+        for png in sorted(d.glob("plot_*.png")):
+            suite = png.stem.removeprefix("plot_")
+            img.mkdir(parents=True, exist_ok=True)
+            target = img / f"{d.resolve().name}_{suite}.png"
+            k = 2
+            while target.relative_to(out.parent).as_posix() in images.get(suite, []):
+                target = img / f"{d.resolve().name}-{k}_{suite}.png"
+                k += 1
+            shutil.copyfile(png, target)
+            images.setdefault(suite, []).append(target.relative_to(out.parent).as_posix())
+    fid: list[dict[str, Any]] = []
+    for f in map(Path, fidelity):
+        data = common.read_json(f)
+        fid += data.get("records", []) if isinstance(data, dict) else data
+
+    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = ["# Results\n", f"Generated on {now} by `{command or 'mpckv report'}`.\n"]
+    if runs:
+        parts.append("Produced by:\n")
+        parts += [
+            f"- `{r.get('command', '?')}` — model `{r.get('model', '?')}`, last run {r.get('date', '?')}, "
+            f"{r.get('cells_total', '?')} cells (in `{r['dir']}`)"
+            for r in runs
+        ]
+        parts.append("")
+    models = sorted({r["model"] for r in records})
+    parts.append(f"Models: {', '.join(f'`{m}`' for m in models) or '—'}.\n")
+    parts.append("## Methods\n")
+    evaluated = {r["method"] for r in records} | {r["method"] for r in fid}
+    parts.append("| method | family | paper | evaluated |\n|---|---|---|---|")
+    parts += [
+        f"| `{m.name}` | {m.family} | {m.paper} | {'yes' if m.name in evaluated else 'not yet'} |"
+        for m in list_methods()
+    ]
+    parts.append("\n" + LEGEND + "\n")
+    for suite in _suite_order(records):
+        parts.append(f"## {suite}\n")
+        parts.append(suite_table(records, suite))
+        parts += [f"![{suite}]({p})\n" for p in images.get(suite, [])]
+    if fid:
+        parts.append("## Fidelity against dense\n")
+        parts.append(fidelity_table(fid))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts), encoding="utf-8")
+    return out
