@@ -7,6 +7,7 @@ can be moved to another position by rotating it by the difference (:func:`rerota
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -40,8 +41,21 @@ def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` on the last dim. Secret tensors take a public signed permutation (a local
+    operation under MPC) instead of ``torch.cat``."""
     half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    if isinstance(x, torch.Tensor):
+        return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x.matmul(_rotation_matrix(x.shape[-1]))
+
+
+@functools.lru_cache(maxsize=8)
+def _rotation_matrix(d: int) -> torch.Tensor:
+    half = d // 2
+    rot = torch.zeros(d, d)
+    rot[torch.arange(half) + half, torch.arange(half)] = -1.0
+    rot[torch.arange(half), torch.arange(half) + half] = 1.0
+    return rot
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ from mpckv.plaintext.methods import (  # noqa: F401
     dense,
     h2o,
     h2o_window,
+    mpcache,
     pyramidkv,
     quest,
     snapkv,

@@ -15,4 +15,4 @@ class Dense(KVMethod):
 
     family = "baseline"
     paper = "—"
-    secure = "planned"
+    secure = "yes"

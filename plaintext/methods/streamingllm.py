@@ -43,7 +43,7 @@ class StreamingLLM(KVMethod):
 
     family = "eviction"
     paper = "Xiao et al., ICLR 2024 (arXiv 2309.17453)"
-    secure = "planned"
+    secure = "yes"
 
     def __post_init__(self) -> None:
         super().__post_init__()

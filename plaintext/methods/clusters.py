@@ -1,0 +1,202 @@
+"""Cluster boxes, the MPCache linear proxy and hierarchical cluster selection — pure tensor helpers.
+
+A *cluster* of size ``s`` is a run of ``s`` consecutive cache entries of one (sequence, KV head) row
+(the Quest page; cluster ``c`` holds entries ``[c·s, (c+1)·s)``). Its *box* is the channel-wise min and
+max of its keys, built by :func:`mpckv.kernels.page_bounds.page_minmax` and appended to by
+:func:`~mpckv.kernels.page_bounds.update_page_minmax`. Levels use cluster sizes ``s_1 > s_2 > …`` with each
+size dividing the previous one, so cluster ``c`` of level ``l`` has the children
+``c·r … c·r + r − 1`` (``r = s_l / s_{l+1}``) at level ``l + 1``.
+
+Everything here takes plain tensors and public sizes so that a secure backend can reuse the math:
+:func:`proxy_vectors`, :func:`proxy_scores`, :func:`level_budgets`, :func:`children_mask`,
+:func:`hierarchical_select` and :func:`clusters_to_tokens`. Only :func:`tracked_boxes` touches engine state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mpckv.kernels._common import reduce_groups
+from mpckv.kernels.page_bounds import num_valid_pages, page_minmax, update_page_minmax
+from mpckv.plaintext.kv_cache import LayerCache
+from mpckv.plaintext.methods.topk import select_topk
+
+Levels = list[tuple[torch.Tensor, torch.Tensor]]
+
+__all__ = [
+    "children_mask",
+    "cluster_boxes",
+    "clusters_to_tokens",
+    "hierarchical_select",
+    "level_budgets",
+    "num_clusters",
+    "proxy_scores",
+    "proxy_vectors",
+    "tracked_boxes",
+]
+
+
+def num_clusters(lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """Clusters holding a live entry, ``ceil(lengths / size)``, as int64 ``[B, Hk]``."""
+    return num_valid_pages(lengths, size)
+
+
+def cluster_boxes(keys: torch.Tensor, lengths: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes ``rmin, rmax [B, Hk, C, d]`` (fp32) over the live keys; a partial last cluster only covers its
+    real entries (no overlap padding) and empty clusters hold ``+inf`` / ``-inf``."""
+    return page_minmax(keys, lengths, size)
+
+
+def tracked_boxes(
+    state: dict[str, Any], cache: LayerCache, size: int, tag: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of ``cache`` at cluster ``size``, maintained incrementally in ``state[tag + …]``.
+
+    Rebuilt from scratch on the first call, after a compaction (``cache.version`` changed) or when a row
+    grew by more than one entry since the last call; otherwise only the cluster receiving the entry
+    appended at ``lengths − 1`` is widened (2·d comparisons per row, the paper's maintenance cost).
+    """
+    lengths = cache.lengths
+    prev = state.get(tag + "_lengths")
+    index = None
+    if prev is not None and prev.shape == lengths.shape and state.get(tag + "_version") == cache.version:
+        grown = lengths - prev
+        if bool(((grown == 0) | (grown == 1)).all()):
+            index = torch.where(grown == 1, lengths - 1, torch.full_like(lengths, -1))
+    if index is None:
+        rmin, rmax = cluster_boxes(cache.keys(), lengths, size)
+    else:
+        last = index.clamp_min(0)[..., None, None].expand(-1, -1, 1, cache.head_dim)
+        k_new = torch.gather(cache.k, 2, last)[:, :, 0]
+        rmin, rmax = update_page_minmax(
+            state[tag + "_min"], state[tag + "_max"], k_new, index, page_size=size
+        )
+    state.update({tag + "_min": rmin, tag + "_max": rmax, tag + "_lengths": lengths.clone()})
+    state[tag + "_version"] = cache.version
+    return rmin, rmax
+
+
+def proxy_vectors(rmin: torch.Tensor, rmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """MPCache representative ``r_c = α·rmax_c + (1 − α)·rmin_c`` ``[B, Hk, C, d]``; empty clusters get 0."""
+    empty = (rmin > rmax).any(-1, keepdim=True)
+    r = alpha * rmax.float() + (1.0 - alpha) * rmin.float()
+    return torch.where(empty, torch.zeros_like(r), r)
+
+
+def proxy_scores(
+    q: torch.Tensor, r: torch.Tensor, n_valid: torch.Tensor, group_reduce: str = "mean"
+) -> torch.Tensor:
+    """Linear proxy ``u[c] = q·r_c`` per query head, reduced over each GQA group.
+
+    Parameters
+    ----------
+    q:
+        Decode queries ``[B, H, d]`` (post-RoPE; no ``1/√d``: the ranking does not depend on it).
+    r:
+        Proxy vectors ``[B, Hk, C, d]`` from :func:`proxy_vectors`.
+    n_valid:
+        Live clusters per row ``[B, Hk]``.
+    group_reduce:
+        ``"mean"``, ``"sum"`` or ``"max"`` over the ``G = H / Hk`` query heads of a KV head.
+
+    Returns
+    -------
+    torch.Tensor
+        fp32 ``[B, Hk, C]``, ``-inf`` for clusters ``≥ n_valid``.
+    """
+    b, h, d = q.shape
+    hk, c = r.shape[1], r.shape[2]
+    u = q.float().view(b, hk, h // hk, d) @ r.float().transpose(-1, -2)  # [B, Hk, G, C]
+    u = reduce_groups(u, group_reduce, dim=2)
+    col = torch.arange(c, device=u.device)
+    return u.masked_fill(col >= n_valid.to(u.device)[..., None], float("-inf"))
+
+
+def level_budgets(
+    n_valid: Sequence[torch.Tensor],
+    k_last: torch.Tensor,
+    level_ratios: Sequence[float],
+    sizes: Sequence[int],
+) -> list[torch.Tensor]:
+    """Clusters to pick per level, ``[B, Hk]`` each, forced clusters included (public sizes only).
+
+    The last level picks ``min(C_L, k_last)``. An upper level ``l`` picks
+    ``min(C_l, max(2, ⌊ρ_l·C_l⌋, need_l))`` where ``need_l = 1 + ⌈(k_{l+1} − c_last)/r_l⌉`` is the least
+    number of parents (the forced last one, holding ``c_last`` children, plus full ones) whose children can
+    host the ``k_{l+1}`` picks below.
+    """
+    ks: list[torch.Tensor] = [torch.minimum(k_last, n_valid[-1])]
+    for lvl in range(len(sizes) - 2, -1, -1):
+        c, r = n_valid[lvl], sizes[lvl] // sizes[lvl + 1]
+        base = torch.floor(c.double() * level_ratios[lvl] + 1e-9).long().clamp_min(2)
+        c_last = n_valid[lvl + 1] - (c - 1).clamp_min(0) * r
+        need = 1 + torch.div(ks[0] - c_last + r - 1, r, rounding_mode="floor").clamp_min(0)
+        ks.insert(0, torch.minimum(c, torch.maximum(base, need)))
+    return ks
+
+
+def children_mask(
+    parent_index: torch.Tensor, parent_valid: torch.Tensor, n_children: int, branch: int
+) -> torch.Tensor:
+    """Boolean ``[B, Hk, n_children]``: cluster ``c`` is a child of a selected parent (``c // branch``)."""
+    b, hk, _ = parent_index.shape
+    width = int(parent_index.max()) + 1 if parent_index.numel() else 1
+    width = max(width, -(-n_children // branch))
+    # count hits: padding columns (index 0, valid False) add nothing
+    hit = torch.zeros(b, hk, width, dtype=torch.long, device=parent_index.device)
+    hit.scatter_add_(2, parent_index, parent_valid.long())
+    picked = hit > 0
+    parent = torch.arange(n_children, device=parent_index.device) // branch
+    return picked[..., parent]
+
+
+def hierarchical_select(
+    scores: Sequence[torch.Tensor],
+    ks: Sequence[torch.Tensor],
+    n_valid: Sequence[torch.Tensor],
+    sizes: Sequence[int],
+) -> Levels:
+    """Coarse-to-fine top-k over cluster scores.
+
+    Level ``l`` picks ``ks[l]`` of its live clusters by ``scores[l] [B, Hk, C_l]`` with
+    :func:`~mpckv.plaintext.methods.topk.select_topk` (ties → lower index). Cluster 0 and the last live
+    cluster (the one holding the current token) are forced at every level; below the first level only the
+    children of the previous level's picks are candidates.
+
+    Returns
+    -------
+    list of ``(index, valid)``
+        One pair ``[B, Hk, K_l]`` per level (ascending, valid columns first).
+    """
+    out: Levels = []
+    for lvl, (u, k, nv) in enumerate(zip(scores, ks, n_valid, strict=True)):
+        c = torch.arange(u.shape[-1], device=u.device)
+        invalid = c >= nv[..., None]
+        if out:
+            invalid = invalid | ~children_mask(*out[-1], u.shape[-1], sizes[lvl - 1] // sizes[lvl])
+        forced = ((c == 0) | (c == (nv - 1)[..., None])) & ~invalid
+        out.append(select_topk(u, k, forced=forced, invalid=invalid))
+    return out
+
+
+def clusters_to_tokens(
+    index: torch.Tensor, valid: torch.Tensor, size: int, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand selected clusters ``[B, Hk, K]`` of ``size`` entries to cache indices ``[B, Hk, ≤ K·size]``.
+
+    Entries past a row's length are dropped; the result is ascending with valid columns first and padding
+    columns holding index 0 (the :class:`~mpckv.plaintext.methods.base.Selection` layout).
+    """
+    b, hk, kc = index.shape
+    tok = (index[..., None] * size + torch.arange(size, device=index.device)).reshape(b, hk, kc * size)
+    ok = valid[..., None].expand(b, hk, kc, size).reshape(b, hk, kc * size)
+    ok = ok & (tok < lengths[..., None])
+    key = torch.where(ok, tok, torch.full_like(tok, torch.iinfo(torch.long).max))
+    key, order = torch.sort(key, dim=-1, stable=True)
+    ok = torch.gather(ok, 2, order)
+    width = int(ok.sum(-1).max()) if ok.numel() else 0
+    out = torch.where(ok, key, torch.zeros_like(key))
+    return out[..., :width].contiguous(), ok[..., :width].contiguous()

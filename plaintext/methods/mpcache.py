@@ -1,0 +1,380 @@
+"""MPCache — look-once static eviction plus MPC-friendly hierarchical cluster selection.
+
+Zeng, Dong, Zhou, Tan, Wang, Wei, Wang, Li. *MPCache: MPC-Friendly KV Cache Eviction for Efficient Private
+Large Language Model Inference.* arXiv 2501.06807 (NeurIPS 2025); code zwxandy/abc, zwxandy/MPCache.
+Spec card: ``shared/methods/mpcache.md``.
+
+1. **Static eviction** (prefill, once per layer, permanent): the last ``⌊window_frac·n0⌋`` prompt queries
+   vote with their attention probabilities; the ``⌈static_ratio·n0⌉`` best prompt tokens are kept, the
+   ``sinks`` first tokens and the observation window always among them. Tokens generated later are never
+   statically evicted (decode only appends).
+2. **Dynamic selection** (every decode step, per KV head, nothing evicted): the compacted cache is cut
+   into clusters of ``cluster_sizes[0] > cluster_sizes[1] > …`` consecutive entries; each cluster has an
+   incrementally maintained box (channel-wise key min/max) and is scored by the linear proxy
+   ``q·(α·rmax + (1 − α)·rmin)``. The coarsest level keeps a fraction of its clusters, each finer level
+   picks among the children of the picks above, and attention runs exactly over the tokens of the
+   finest picks. Cluster 0 and the current cluster are forced at every level.
+3. **Cross-layer sharing**: in every share group the first layer selects and the others reuse its
+   selection (cache slot indices) at the same step without computing their own.
+
+The math lives in pure helpers so that the secure engine can reuse it: :func:`static_window_sizes`,
+:func:`static_keep_counts`, :func:`static_scores`, :func:`static_forced` (here) and the box / proxy /
+hierarchical-selection / expansion helpers of :mod:`mpckv.plaintext.methods.clusters`.
+
+Deviations from the official code
+---------------------------------
+* **Fixed public static ratio** (top-``⌈ρ_s·n0⌉`` by window attention mass, the ``topk`` variant of commit
+  8b55d74) instead of the dataset-tuned threshold ``γ`` whose kept count depends on the data (and would
+  leak under MPC). ``static_mode="layer"`` (default) averages the votes over all heads and keeps one set
+  per layer (the threshold code); ``"head"`` keeps one set per KV head (the topk variant). Sinks and the
+  observation window are always kept (not in the code).
+* **Causal mask and 1/√d** in the window softmax (both missing in the code). The window is always
+  ``0.2·n0`` (the code switches to ``0.1·n0`` above 24k tokens).
+* **No overlap padding**: the box of a partial last cluster covers only its real tokens, and that
+  cluster (the current one) is forced. The code forces the last cluster only when ``n mod s1 ≠ 0`` and pads
+  by repeating earlier tokens.
+* **Incremental boxes** (the paper's claim) instead of recomputing every box at every step (code).
+* **Budgets**: ``budget`` is the final token budget of the selection (a ratio of the *current* compacted
+  cache length, or a token count): the last level picks ``max(2, tokens // s_last)`` clusters, forced
+  ones included (the code uses ``⌊ρ2·C2⌋`` plus up to two forced extras). Upper levels pick
+  ``⌊level_ratio·C⌋`` clusters, forced included, raised when needed so their children can host the picks
+  below. A token budget covering the whole row reads every cluster.
+* **GQA** (not in the paper/code, which are MHA): one selection per KV head from the group mean (or max /
+  sum) of the query-head proxy scores.
+* **Levels**: any list of cluster sizes each dividing the previous (default two, 32 → 16, as the code).
+* **Dense layers**: ``dense_layers`` (default 0 and 1, as the topk variant) skip both stages.
+* **Sharing**: configurable groups; default pairs ``(2,3), (4,5), …`` (the code leaves the last two layers
+  of a 32-layer model unshared too: pass explicit groups for that). The follower reuses the leader's
+  *slot* indices. The leader's static kept set is reused only with ``share_static=True`` (the code shares
+  it); by default every layer runs its own static eviction, so a follower's slots hold the same sinks,
+  window and generated tokens but possibly different middle prompt tokens.
+* Top-k ties go to the lower index (the code uses ``torch.topk``, whose ties are unspecified).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mpckv.config import ModelConfig
+from mpckv.errors import ConfigError
+from mpckv.kernels.window_scores import window_column_scores
+from mpckv.plaintext.methods.base import DecodeContext, KVMethod, PrefillContext, Selection
+from mpckv.plaintext.methods.clusters import (
+    Levels,
+    clusters_to_tokens,
+    hierarchical_select,
+    level_budgets,
+    num_clusters,
+    proxy_scores,
+    proxy_vectors,
+    tracked_boxes,
+)
+from mpckv.plaintext.methods.scorers import GROUP_REDUCES, check_choice
+from mpckv.plaintext.methods.topk import select_topk
+from mpckv.registry import register_method
+
+STATIC_MODES = ("layer", "head")
+_SHARED_SEL = "mpcache_shared_selection"
+_SHARED_STATIC = "mpcache_shared_static"
+
+
+# ---------------------------------------------------------------------------- static eviction helpers
+def static_window_sizes(prompt_lengths: torch.Tensor, window_frac: float) -> torch.Tensor:
+    """Observation window ``W = clamp(⌊window_frac·n0⌋, 1, n0)`` per sample ``[B]``."""
+    n0 = prompt_lengths.long()
+    w = torch.floor(n0.double() * window_frac + 1e-9).long()
+    return torch.minimum(w.clamp_min(1), n0)
+
+
+def static_keep_counts(
+    prompt_lengths: torch.Tensor, ratio: float, sinks: int, windows: torch.Tensor
+) -> torch.Tensor:
+    """Kept prompt tokens per sample ``[B]``: ``min(n0, max(⌈ratio·n0⌉, |sinks ∪ window|))`` — public."""
+    n0 = prompt_lengths.long()
+    want = torch.ceil(n0.double() * ratio - 1e-9).long()
+    forced = torch.minimum(n0, n0.clamp(max=sinks) + windows.to(n0.device))
+    return torch.minimum(n0, torch.maximum(want, forced))
+
+
+def static_forced(
+    prompt_lengths: torch.Tensor, windows: torch.Tensor, sinks: int, width: int
+) -> torch.Tensor:
+    """Boolean ``[B, width]``: the ``sinks`` first tokens and the last ``W`` prompt tokens of each sample."""
+    col = torch.arange(width, device=prompt_lengths.device)
+    n0 = prompt_lengths.long()[:, None]
+    return ((col < sinks) | (col >= n0 - windows.to(n0.device)[:, None])) & (col < n0)
+
+
+def static_scores(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    windows: torch.Tensor,
+    scale: float,
+    mode: str = "layer",
+    group_reduce: str = "mean",
+) -> torch.Tensor:
+    """Attention mass ``Σ_w softmax(q_w·Kᵀ·scale)`` of each prompt key from its sample's window queries.
+
+    Parameters
+    ----------
+    q:
+        Prompt queries ``[B, H, T, d]`` (right padded).
+    keys:
+        The uncompacted prompt keys ``[B, Hk, L, d]`` (cache index = position).
+    prompt_lengths, windows:
+        ``n0`` and ``W`` per sample ``[B]``: sample ``b`` uses its queries ``n0 − W … n0 − 1`` (causal).
+    mode:
+        ``"layer"``: mean over all query heads, one row repeated for every KV head; ``"head"``: one row per
+        KV head, ``group_reduce`` over its query heads.
+
+    Returns
+    -------
+    torch.Tensor
+        fp32 ``[B, Hk, L]``; keys no window query can see score 0.
+    """
+    b, h, t, d = q.shape
+    hk = keys.shape[1]
+    n0 = prompt_lengths.long().to(q.device)
+    w = windows.long().to(q.device)
+    wmax = int(w.max()) if w.numel() else 1
+    col = torch.arange(wmax, device=q.device)
+    idx = n0[:, None] - wmax + col  # [B, wmax]
+    live = col >= (wmax - w)[:, None]
+    q_pos = torch.where(live & (idx >= 0), idx, torch.full_like(idx, -1))
+    q_win = torch.gather(q, 2, idx.clamp(0, t - 1)[:, None, :, None].expand(b, h, wmax, d)).to(keys.dtype)
+    lengths = n0[:, None].expand(b, hk).to(keys.device)
+    reduce = "mean" if mode == "layer" else group_reduce
+    votes = window_column_scores(q_win, keys, lengths, q_pos, scale=scale, group_reduce=reduce)
+    if mode == "layer":
+        votes = votes.mean(1, keepdim=True).expand_as(votes).contiguous()
+    return votes
+
+
+# ---------------------------------------------------------------------------- the method
+@register_method("mpcache")
+@dataclass(kw_only=True)
+class MPCache(KVMethod):
+    """Static eviction by window attention + hierarchical cluster selection with a linear box proxy.
+
+    Parameters
+    ----------
+    budget:
+        Final tokens read per step and KV head by the selection: a ratio of the current (compacted) cache
+        length, a token count, or per-layer / per-head lists. The last level picks
+        ``max(2, tokens // cluster_sizes[-1])`` clusters, forced ones included. Default 0.1.
+    static_ratio:
+        Fraction of the prompt kept per layer by static eviction (``1.0``: no eviction).
+    static_mode:
+        ``"layer"`` (one kept set per layer, votes averaged over heads) or ``"head"`` (per KV head).
+    window_frac:
+        Observation window as a fraction of the prompt (paper: the last 20 %).
+    sinks:
+        First prompt tokens always kept by the static eviction.
+    cluster_sizes:
+        Cluster size per level, coarse to fine, each dividing the previous (paper: 32, 16).
+    level_ratios:
+        Fraction of the clusters kept at every level but the last (forced ones included): one float or one
+        per upper level (code: 0.5).
+    alpha:
+        Proxy weight: ``r = α·rmax + (1 − α)·rmin`` (paper: 0.6).
+    group_reduce:
+        GQA reduction of the query-head proxy scores (and of the ``"head"``-mode static votes).
+    dense_layers:
+        Layers without static eviction or selection.
+    share:
+        ``"pairs"`` (layers ``(2,3), (4,5), …`` outside ``dense_layers``), ``"none"``, or a list of layer
+        groups: the first layer of a group selects, the others reuse its selection.
+    share_static:
+        Followers also reuse their leader's static kept set.
+    """
+
+    static_ratio: float = 0.5
+    static_mode: str = "layer"
+    window_frac: float = 0.2
+    sinks: int = 4
+    cluster_sizes: tuple[int, ...] = (32, 16)
+    level_ratios: float | tuple[float, ...] = 0.5
+    alpha: float = 0.6
+    group_reduce: str = "mean"
+    dense_layers: tuple[int, ...] = (0, 1)
+    share: Any = "pairs"
+    share_static: bool = False
+
+    family = "selection"
+    paper = "Zeng et al. (arXiv 2501.06807)"
+    secure = "planned"
+    default_budget = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        n = self.name
+        for key in ("static_ratio", "window_frac"):
+            val = getattr(self, key)
+            if isinstance(val, bool) or not isinstance(val, int | float) or not 0.0 < val <= 1.0:
+                raise ConfigError(f"{n}: {key} must lie in (0, 1], got {val!r}")
+        if (
+            isinstance(self.alpha, bool)
+            or not isinstance(self.alpha, int | float)
+            or not 0 <= self.alpha <= 1
+        ):
+            raise ConfigError(f"{n}: alpha must lie in [0, 1], got {self.alpha!r}")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ConfigError(f"{n}: sinks must be an int >= 0, got {self.sinks!r}")
+        check_choice(n, "static_mode", self.static_mode, STATIC_MODES)
+        check_choice(n, "group_reduce", self.group_reduce, GROUP_REDUCES)
+        if not isinstance(self.share_static, bool):
+            raise ConfigError(f"{n}: share_static must be a bool, got {self.share_static!r}")
+        self.cluster_sizes = _int_tuple(n, "cluster_sizes", self.cluster_sizes, low=1)
+        sizes = self.cluster_sizes
+        if not sizes or any(a % b or a == b for a, b in zip(sizes, sizes[1:], strict=False)):
+            raise ConfigError(
+                f"{n}: cluster_sizes must be decreasing, each dividing the previous, got {sizes}"
+            )
+        ratios = self.level_ratios
+        if isinstance(ratios, int | float) and not isinstance(ratios, bool):
+            ratios = (float(ratios),) * (len(sizes) - 1)
+        self.level_ratios = tuple(ratios) if isinstance(ratios, list | tuple) else ratios
+        if not isinstance(self.level_ratios, tuple) or len(self.level_ratios) != len(sizes) - 1:
+            raise ConfigError(f"{n}: level_ratios needs one ratio per upper level, got {ratios!r}")
+        for r in self.level_ratios:
+            if isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 < r <= 1.0:
+                raise ConfigError(f"{n}: level_ratios must lie in (0, 1], got {self.level_ratios!r}")
+        self.dense_layers = _int_tuple(n, "dense_layers", self.dense_layers, low=0)
+        if self.share not in ("pairs", "none"):
+            if not isinstance(self.share, list | tuple):
+                raise ConfigError(f"{n}: share must be 'pairs', 'none' or a list of layer groups")
+            groups = tuple(_int_tuple(n, "share group", g, low=0) for g in self.share)
+            flat = [x for g in groups for x in g]
+            if len(set(flat)) != len(flat) or set(flat) & set(self.dense_layers):
+                raise ConfigError(f"{n}: share groups must be disjoint and avoid dense_layers, got {groups}")
+            self.share = groups
+
+    def check(self, config: ModelConfig) -> None:
+        super().check(config)
+        groups = self.share_groups(config.num_hidden_layers)
+        bad = sorted(x for g in groups for x in g if x >= config.num_hidden_layers)
+        if bad:
+            raise ConfigError(f"{self.name}: share groups name layers {bad} beyond the model's layers")
+
+    # ------------------------------------------------------------------ sharing
+    def share_groups(self, num_layers: int) -> list[tuple[int, ...]]:
+        """Layer groups sharing one selection (leader = lowest layer)."""
+        if self.share == "none":
+            return []
+        if self.share == "pairs":
+            dense = set(self.dense_layers)
+            return [(i, i + 1) for i in range(2, num_layers - 1, 2) if not {i, i + 1} & dense]
+        return [tuple(sorted(g)) for g in self.share if len(g) > 1]
+
+    def leader_of(self, layer: int, num_layers: int) -> int | None:
+        """The layer whose selection ``layer`` reuses, or ``None`` when it selects itself."""
+        for g in self.share_groups(num_layers):
+            if layer in g[1:]:
+                return g[0]
+        return None
+
+    @staticmethod
+    def _slot(ctx: PrefillContext | DecodeContext, layer: int) -> dict[str, Any]:
+        if ctx.all_states:
+            return ctx.all_states[layer]
+        if layer == ctx.layer:
+            return ctx.state
+        raise ConfigError("mpcache: cross-layer sharing needs the engine's per-layer states (all_states)")
+
+    # ------------------------------------------------------------------ static eviction
+    def on_prefill(self, ctx: PrefillContext) -> None:
+        if ctx.layer in self.dense_layers:
+            return
+        cache = ctx.cache
+        leader = self.leader_of(ctx.layer, ctx.num_layers) if self.share_static else None
+        if leader is not None:
+            shared = self._slot(ctx, leader).get(_SHARED_STATIC)
+            if shared is not None:
+                cache.compact(*shared)
+            ctx.state["mpcache_static_kept"] = cache.lengths.clone()
+            return
+        kept = self.static_evict(ctx)
+        self._slot(ctx, ctx.layer)[_SHARED_STATIC] = kept
+        ctx.state["mpcache_static_kept"] = cache.lengths.clone()
+
+    def static_evict(self, ctx: PrefillContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Compact the prompt cache to the public kept count; return the ``(index, valid)`` used (or None)."""
+        cache = ctx.cache
+        n0 = ctx.prompt_lengths.to(cache.lengths.device).long()
+        windows = static_window_sizes(n0, self.window_frac)
+        keep = static_keep_counts(n0, self.static_ratio, self.sinks, windows)
+        if bool((n0 <= keep).all()):
+            return None
+        if cache.version != 0:
+            raise ConfigError("mpcache static eviction needs the uncompacted prompt cache; put it first")
+        b, hk, width = cache.batch, cache.kv_heads, cache.max_length
+        scores = static_scores(
+            ctx.q, cache.keys(), n0, windows, ctx.scale, self.static_mode, self.group_reduce
+        )
+        forced = static_forced(n0, windows, self.sinks, width)[:, None].expand(b, hk, width)
+        index, valid = select_topk(scores, keep[:, None].expand(b, hk), forced=forced, invalid=~cache.valid())
+        cache.compact(index, valid)
+        return index, valid
+
+    # ------------------------------------------------------------------ dynamic selection
+    def level_sizes(self, lengths: torch.Tensor, layer: int) -> list[torch.Tensor]:
+        """Clusters picked per level ``[B, Hk]`` (forced included) for rows of ``lengths`` — public."""
+        budget, s_last = self.resolved_budget, self.cluster_sizes[-1]
+        n_valid = [num_clusters(lengths, s) for s in self.cluster_sizes]
+        rows = []
+        for row, nv_row in zip(lengths.tolist(), n_valid[-1].tolist(), strict=True):
+            ks = []
+            for head, (n, nv) in enumerate(zip(row, nv_row, strict=True)):
+                tokens = budget.tokens_for(n, layer, head)
+                ks.append(nv if tokens >= n else max(2, tokens // s_last))
+            rows.append(ks)
+        k_last = torch.tensor(rows, dtype=torch.long, device=lengths.device).view_as(lengths)
+        return level_budgets(n_valid, k_last, self.level_ratios, self.cluster_sizes)
+
+    def select_clusters(self, ctx: DecodeContext) -> Levels | None:
+        """Picked clusters per level ``[(index, valid) [B, Hk, K_l]]``, or ``None`` when every cluster of
+        every row would be read (dense)."""
+        cache = ctx.cache
+        lengths = cache.lengths
+        ks = self.level_sizes(lengths, ctx.layer)
+        n_valid = [num_clusters(lengths, s) for s in self.cluster_sizes]
+        if bool((ks[-1] >= n_valid[-1]).all()):
+            return None
+        scores = []
+        for lvl, (size, nv) in enumerate(zip(self.cluster_sizes, n_valid, strict=True)):
+            rmin, rmax = tracked_boxes(ctx.state, cache, size, f"mpcache_box{lvl}")
+            scores.append(proxy_scores(ctx.q, proxy_vectors(rmin, rmax, self.alpha), nv, self.group_reduce))
+        return hierarchical_select(scores, ks, n_valid, self.cluster_sizes)
+
+    def select(self, ctx: DecodeContext) -> Selection | None:
+        if ctx.layer in self.dense_layers:
+            return None
+        leader = self.leader_of(ctx.layer, ctx.num_layers)
+        if leader is not None:
+            entry = self._slot(ctx, leader).get(_SHARED_SEL)
+            if entry is None or entry[0] != ctx.step or not torch.equal(entry[1], ctx.cache.lengths):
+                raise ConfigError(
+                    f"mpcache: layer {ctx.layer} shares layer {leader}'s selection, which is missing or "
+                    "was made for a different cache layout"
+                )
+            return entry[2]
+        levels = self.select_clusters(ctx)
+        ctx.state["mpcache_levels"] = levels
+        sel = None
+        if levels is not None:
+            idx, valid = clusters_to_tokens(*levels[-1], self.cluster_sizes[-1], ctx.cache.lengths)
+            sel = Selection(index=idx, valid=valid)
+        self._slot(ctx, ctx.layer)[_SHARED_SEL] = (ctx.step, ctx.cache.lengths.clone(), sel)
+        return sel
+
+
+def _int_tuple(method: str, name: str, val: Any, low: int) -> tuple[int, ...]:
+    if not isinstance(val, list | tuple) or any(
+        isinstance(x, bool) or not isinstance(x, int) or x < low for x in val
+    ):
+        raise ConfigError(f"{method}: {name} must be a list of ints >= {low}, got {val!r}")
+    return tuple(val)
