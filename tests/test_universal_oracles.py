@@ -60,6 +60,8 @@ def test_kept_entries_are_valid(name, tiny_random_model):
         eng.decode(s, s.logits.argmax(-1))
         assert s.dense_lengths is not None
         for lc in s.cache.layers:
+            # GQA: the cache holds one row per KV head, never one per query head
+            assert lc.k.shape[1] == lc.v.shape[1] == tiny_random_model.config.num_key_value_heads
             for b in range(2):
                 limit = int(s.dense_lengths[b])
                 for h in range(lc.kv_heads):
