@@ -18,6 +18,8 @@ OVERRIDES: dict[str, dict] = {
     "h2o_window": {"window": 4},
     "quest": {"page_size": 4, "skip_layers": 1},
     "streamingllm": {"sinks": 2},
+    # static eviction off so that a full budget really is dense; tests/methods/test_mpcache.py covers it
+    "mpcache": {"static_ratio": 1.0, "cluster_sizes": [8, 4], "dense_layers": [0]},
 }
 METHODS = [m.name for m in list_methods()]
 N, NEW = 48, 6
@@ -35,7 +37,9 @@ def _engine(model, name, budget):
 
 
 def test_expected_methods_registered():
-    assert {"dense", "streamingllm", "h2o", "h2o_window", "snapkv", "pyramidkv", "quest"} <= set(METHODS)
+    assert {"dense", "streamingllm", "h2o", "h2o_window", "snapkv", "pyramidkv", "quest", "mpcache"} <= set(
+        METHODS
+    )
 
 
 @pytest.mark.parametrize("name", METHODS)

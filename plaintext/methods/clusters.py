@@ -1,4 +1,7 @@
-"""Cluster boxes, the MPCache linear proxy and hierarchical cluster selection — pure tensor helpers.
+"""Pure tensor helpers of MPCache: static-eviction votes, cluster boxes, linear proxy, hierarchical selection.
+
+Static eviction: :func:`static_window_sizes`, :func:`static_keep_counts` (public kept counts),
+:func:`static_forced` (sinks and observation window) and :func:`static_scores` (window attention mass).
 
 A *cluster* of size ``s`` is a run of ``s`` consecutive cache entries of one (sequence, KV head) row
 (the Quest page; cluster ``c`` holds entries ``[c·s, (c+1)·s)``). Its *box* is the channel-wise min and
@@ -21,10 +24,12 @@ import torch
 
 from mpckv.kernels._common import reduce_groups
 from mpckv.kernels.page_bounds import num_valid_pages, page_minmax, update_page_minmax
+from mpckv.kernels.window_scores import window_column_scores
 from mpckv.plaintext.kv_cache import LayerCache
 from mpckv.plaintext.methods.topk import select_topk
 
 Levels = list[tuple[torch.Tensor, torch.Tensor]]
+STATIC_MODES = ("layer", "head")
 
 __all__ = [
     "children_mask",
@@ -35,6 +40,10 @@ __all__ = [
     "num_clusters",
     "proxy_scores",
     "proxy_vectors",
+    "static_forced",
+    "static_keep_counts",
+    "static_scores",
+    "static_window_sizes",
     "tracked_boxes",
 ]
 
@@ -200,3 +209,75 @@ def clusters_to_tokens(
     width = int(ok.sum(-1).max()) if ok.numel() else 0
     out = torch.where(ok, key, torch.zeros_like(key))
     return out[..., :width].contiguous(), ok[..., :width].contiguous()
+
+
+def static_window_sizes(prompt_lengths: torch.Tensor, window_frac: float) -> torch.Tensor:
+    """Observation window ``W = clamp(⌊window_frac·n0⌋, 1, n0)`` per sample ``[B]``."""
+    n0 = prompt_lengths.long()
+    w = torch.floor(n0.double() * window_frac + 1e-9).long()
+    return torch.minimum(w.clamp_min(1), n0)
+
+
+def static_keep_counts(
+    prompt_lengths: torch.Tensor, ratio: float, sinks: int, windows: torch.Tensor
+) -> torch.Tensor:
+    """Kept prompt tokens per sample ``[B]``: ``min(n0, max(⌈ratio·n0⌉, |sinks ∪ window|))`` — public."""
+    n0 = prompt_lengths.long()
+    want = torch.ceil(n0.double() * ratio - 1e-9).long()
+    forced = torch.minimum(n0, n0.clamp(max=sinks) + windows.to(n0.device))
+    return torch.minimum(n0, torch.maximum(want, forced))
+
+
+def static_forced(
+    prompt_lengths: torch.Tensor, windows: torch.Tensor, sinks: int, width: int
+) -> torch.Tensor:
+    """Boolean ``[B, width]``: the ``sinks`` first tokens and the last ``W`` prompt tokens of each sample."""
+    col = torch.arange(width, device=prompt_lengths.device)
+    n0 = prompt_lengths.long()[:, None]
+    return ((col < sinks) | (col >= n0 - windows.to(n0.device)[:, None])) & (col < n0)
+
+
+def static_scores(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    windows: torch.Tensor,
+    scale: float,
+    mode: str = "layer",
+    group_reduce: str = "mean",
+) -> torch.Tensor:
+    """Attention mass ``Σ_w softmax(q_w·Kᵀ·scale)`` of each prompt key from its sample's window queries.
+
+    Parameters
+    ----------
+    q:
+        Prompt queries ``[B, H, T, d]`` (right padded).
+    keys:
+        The uncompacted prompt keys ``[B, Hk, L, d]`` (cache index = position).
+    prompt_lengths, windows:
+        ``n0`` and ``W`` per sample ``[B]``: sample ``b`` uses its queries ``n0 − W … n0 − 1`` (causal).
+    mode:
+        ``"layer"``: mean over all query heads, one row repeated for every KV head; ``"head"``: one row per
+        KV head, ``group_reduce`` over its query heads.
+
+    Returns
+    -------
+    torch.Tensor
+        fp32 ``[B, Hk, L]``; keys no window query can see score 0.
+    """
+    b, h, t, d = q.shape
+    hk = keys.shape[1]
+    n0 = prompt_lengths.long().to(q.device)
+    w = windows.long().to(q.device)
+    wmax = int(w.max()) if w.numel() else 1
+    col = torch.arange(wmax, device=q.device)
+    idx = n0[:, None] - wmax + col  # [B, wmax]
+    live = col >= (wmax - w)[:, None]
+    q_pos = torch.where(live & (idx >= 0), idx, torch.full_like(idx, -1))
+    q_win = torch.gather(q, 2, idx.clamp(0, t - 1)[:, None, :, None].expand(b, h, wmax, d)).to(keys.dtype)
+    lengths = n0[:, None].expand(b, hk).to(keys.device)
+    reduce = "mean" if mode == "layer" else group_reduce
+    votes = window_column_scores(q_win, keys, lengths, q_pos, scale=scale, group_reduce=reduce)
+    if mode == "layer":
+        votes = votes.mean(1, keepdim=True).expand_as(votes).contiguous()
+    return votes

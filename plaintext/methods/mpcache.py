@@ -14,12 +14,11 @@ Spec card: ``shared/methods/mpcache.md``.
    ``q·(α·rmax + (1 − α)·rmin)``. The coarsest level keeps a fraction of its clusters, each finer level
    picks among the children of the picks above, and attention runs exactly over the tokens of the
    finest picks. Cluster 0 and the current cluster are forced at every level.
-3. **Cross-layer sharing**: in every share group the first layer selects and the others reuse its
-   selection (cache slot indices) at the same step without computing their own.
+3. **Cross-layer sharing**: in a share group the first layer selects, the others reuse its selection.
 
-The math lives in pure helpers so that the secure engine can reuse it: :func:`static_window_sizes`,
-:func:`static_keep_counts`, :func:`static_scores`, :func:`static_forced` (here) and the box / proxy /
-hierarchical-selection / expansion helpers of :mod:`mpckv.plaintext.methods.clusters`.
+The math lives in the pure tensor helpers of :mod:`mpckv.plaintext.methods.clusters` (static votes and
+kept counts, boxes, proxy scores, hierarchical selection, cluster → token expansion) so that the secure
+engine can reuse it.
 
 Deviations from the official code
 ---------------------------------
@@ -41,8 +40,8 @@ Deviations from the official code
   below. A token budget covering the whole row reads every cluster.
 * **GQA** (not in the paper/code, which are MHA): one selection per KV head from the group mean (or max /
   sum) of the query-head proxy scores.
-* **Levels**: any list of cluster sizes each dividing the previous (default two, 32 → 16, as the code).
-* **Dense layers**: ``dense_layers`` (default 0 and 1, as the topk variant) skip both stages.
+* **Levels**: any list of cluster sizes each dividing the previous (default 32 → 16, as the code), not
+  only two. **Dense layers**: ``dense_layers`` (default 0 and 1, as the topk variant) skip both stages.
 * **Sharing**: configurable groups; default pairs ``(2,3), (4,5), …`` (the code leaves the last two layers
   of a 32-layer model unshared too: pass explicit groups for that). The follower reuses the leader's
   *slot* indices. The leader's static kept set is reused only with ``share_static=True`` (the code shares
@@ -60,9 +59,9 @@ import torch
 
 from mpckv.config import ModelConfig
 from mpckv.errors import ConfigError
-from mpckv.kernels.window_scores import window_column_scores
 from mpckv.plaintext.methods.base import DecodeContext, KVMethod, PrefillContext, Selection
 from mpckv.plaintext.methods.clusters import (
+    STATIC_MODES,
     Levels,
     clusters_to_tokens,
     hierarchical_select,
@@ -70,91 +69,20 @@ from mpckv.plaintext.methods.clusters import (
     num_clusters,
     proxy_scores,
     proxy_vectors,
+    static_forced,
+    static_keep_counts,
+    static_scores,
+    static_window_sizes,
     tracked_boxes,
 )
 from mpckv.plaintext.methods.scorers import GROUP_REDUCES, check_choice
 from mpckv.plaintext.methods.topk import select_topk
 from mpckv.registry import register_method
 
-STATIC_MODES = ("layer", "head")
 _SHARED_SEL = "mpcache_shared_selection"
 _SHARED_STATIC = "mpcache_shared_static"
 
 
-# ---------------------------------------------------------------------------- static eviction helpers
-def static_window_sizes(prompt_lengths: torch.Tensor, window_frac: float) -> torch.Tensor:
-    """Observation window ``W = clamp(⌊window_frac·n0⌋, 1, n0)`` per sample ``[B]``."""
-    n0 = prompt_lengths.long()
-    w = torch.floor(n0.double() * window_frac + 1e-9).long()
-    return torch.minimum(w.clamp_min(1), n0)
-
-
-def static_keep_counts(
-    prompt_lengths: torch.Tensor, ratio: float, sinks: int, windows: torch.Tensor
-) -> torch.Tensor:
-    """Kept prompt tokens per sample ``[B]``: ``min(n0, max(⌈ratio·n0⌉, |sinks ∪ window|))`` — public."""
-    n0 = prompt_lengths.long()
-    want = torch.ceil(n0.double() * ratio - 1e-9).long()
-    forced = torch.minimum(n0, n0.clamp(max=sinks) + windows.to(n0.device))
-    return torch.minimum(n0, torch.maximum(want, forced))
-
-
-def static_forced(
-    prompt_lengths: torch.Tensor, windows: torch.Tensor, sinks: int, width: int
-) -> torch.Tensor:
-    """Boolean ``[B, width]``: the ``sinks`` first tokens and the last ``W`` prompt tokens of each sample."""
-    col = torch.arange(width, device=prompt_lengths.device)
-    n0 = prompt_lengths.long()[:, None]
-    return ((col < sinks) | (col >= n0 - windows.to(n0.device)[:, None])) & (col < n0)
-
-
-def static_scores(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    prompt_lengths: torch.Tensor,
-    windows: torch.Tensor,
-    scale: float,
-    mode: str = "layer",
-    group_reduce: str = "mean",
-) -> torch.Tensor:
-    """Attention mass ``Σ_w softmax(q_w·Kᵀ·scale)`` of each prompt key from its sample's window queries.
-
-    Parameters
-    ----------
-    q:
-        Prompt queries ``[B, H, T, d]`` (right padded).
-    keys:
-        The uncompacted prompt keys ``[B, Hk, L, d]`` (cache index = position).
-    prompt_lengths, windows:
-        ``n0`` and ``W`` per sample ``[B]``: sample ``b`` uses its queries ``n0 − W … n0 − 1`` (causal).
-    mode:
-        ``"layer"``: mean over all query heads, one row repeated for every KV head; ``"head"``: one row per
-        KV head, ``group_reduce`` over its query heads.
-
-    Returns
-    -------
-    torch.Tensor
-        fp32 ``[B, Hk, L]``; keys no window query can see score 0.
-    """
-    b, h, t, d = q.shape
-    hk = keys.shape[1]
-    n0 = prompt_lengths.long().to(q.device)
-    w = windows.long().to(q.device)
-    wmax = int(w.max()) if w.numel() else 1
-    col = torch.arange(wmax, device=q.device)
-    idx = n0[:, None] - wmax + col  # [B, wmax]
-    live = col >= (wmax - w)[:, None]
-    q_pos = torch.where(live & (idx >= 0), idx, torch.full_like(idx, -1))
-    q_win = torch.gather(q, 2, idx.clamp(0, t - 1)[:, None, :, None].expand(b, h, wmax, d)).to(keys.dtype)
-    lengths = n0[:, None].expand(b, hk).to(keys.device)
-    reduce = "mean" if mode == "layer" else group_reduce
-    votes = window_column_scores(q_win, keys, lengths, q_pos, scale=scale, group_reduce=reduce)
-    if mode == "layer":
-        votes = votes.mean(1, keepdim=True).expand_as(votes).contiguous()
-    return votes
-
-
-# ---------------------------------------------------------------------------- the method
 @register_method("mpcache")
 @dataclass(kw_only=True)
 class MPCache(KVMethod):
@@ -212,46 +140,31 @@ class MPCache(KVMethod):
     def __post_init__(self) -> None:
         super().__post_init__()
         n = self.name
-        for key in ("static_ratio", "window_frac"):
-            val = getattr(self, key)
-            if isinstance(val, bool) or not isinstance(val, int | float) or not 0.0 < val <= 1.0:
-                raise ConfigError(f"{n}: {key} must lie in (0, 1], got {val!r}")
-        if (
-            isinstance(self.alpha, bool)
-            or not isinstance(self.alpha, int | float)
-            or not 0 <= self.alpha <= 1
-        ):
-            raise ConfigError(f"{n}: alpha must lie in [0, 1], got {self.alpha!r}")
-        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
-            raise ConfigError(f"{n}: sinks must be an int >= 0, got {self.sinks!r}")
+        _number(n, "static_ratio", self.static_ratio, open_low=True)
+        _number(n, "window_frac", self.window_frac, open_low=True)
+        _number(n, "alpha", self.alpha, open_low=False)
+        self.sinks = _int_tuple(n, "sinks", (self.sinks,), low=0)[0]
         check_choice(n, "static_mode", self.static_mode, STATIC_MODES)
         check_choice(n, "group_reduce", self.group_reduce, GROUP_REDUCES)
         if not isinstance(self.share_static, bool):
             raise ConfigError(f"{n}: share_static must be a bool, got {self.share_static!r}")
-        self.cluster_sizes = _int_tuple(n, "cluster_sizes", self.cluster_sizes, low=1)
-        sizes = self.cluster_sizes
+        sizes = self.cluster_sizes = _int_tuple(n, "cluster_sizes", self.cluster_sizes, low=1)
         if not sizes or any(a % b or a == b for a, b in zip(sizes, sizes[1:], strict=False)):
-            raise ConfigError(
-                f"{n}: cluster_sizes must be decreasing, each dividing the previous, got {sizes}"
-            )
+            raise ConfigError(f"{n}: cluster_sizes must decrease, each dividing the previous: {sizes}")
         ratios = self.level_ratios
-        if isinstance(ratios, int | float) and not isinstance(ratios, bool):
-            ratios = (float(ratios),) * (len(sizes) - 1)
-        self.level_ratios = tuple(ratios) if isinstance(ratios, list | tuple) else ratios
-        if not isinstance(self.level_ratios, tuple) or len(self.level_ratios) != len(sizes) - 1:
+        if not isinstance(ratios, list | tuple):
+            ratios = (ratios,) * (len(sizes) - 1)
+        if len(ratios) != len(sizes) - 1:
             raise ConfigError(f"{n}: level_ratios needs one ratio per upper level, got {ratios!r}")
-        for r in self.level_ratios:
-            if isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 < r <= 1.0:
-                raise ConfigError(f"{n}: level_ratios must lie in (0, 1], got {self.level_ratios!r}")
+        self.level_ratios = tuple(_number(n, "level_ratios", r, open_low=True) for r in ratios)
         self.dense_layers = _int_tuple(n, "dense_layers", self.dense_layers, low=0)
         if self.share not in ("pairs", "none"):
             if not isinstance(self.share, list | tuple):
                 raise ConfigError(f"{n}: share must be 'pairs', 'none' or a list of layer groups")
-            groups = tuple(_int_tuple(n, "share group", g, low=0) for g in self.share)
-            flat = [x for g in groups for x in g]
+            self.share = tuple(_int_tuple(n, "share group", g, low=0) for g in self.share)
+            flat = [x for g in self.share for x in g]
             if len(set(flat)) != len(flat) or set(flat) & set(self.dense_layers):
-                raise ConfigError(f"{n}: share groups must be disjoint and avoid dense_layers, got {groups}")
-            self.share = groups
+                raise ConfigError(f"{n}: share groups must be disjoint and avoid dense_layers: {self.share}")
 
     def check(self, config: ModelConfig) -> None:
         super().check(config)
@@ -325,7 +238,7 @@ class MPCache(KVMethod):
         """Clusters picked per level ``[B, Hk]`` (forced included) for rows of ``lengths`` — public."""
         budget, s_last = self.resolved_budget, self.cluster_sizes[-1]
         n_valid = [num_clusters(lengths, s) for s in self.cluster_sizes]
-        rows = []
+        rows: list[list[int]] = []
         for row, nv_row in zip(lengths.tolist(), n_valid[-1].tolist(), strict=True):
             ks = []
             for head, (n, nv) in enumerate(zip(row, nv_row, strict=True)):
@@ -333,15 +246,15 @@ class MPCache(KVMethod):
                 ks.append(nv if tokens >= n else max(2, tokens // s_last))
             rows.append(ks)
         k_last = torch.tensor(rows, dtype=torch.long, device=lengths.device).view_as(lengths)
-        return level_budgets(n_valid, k_last, self.level_ratios, self.cluster_sizes)
+        ratios = self.level_ratios if isinstance(self.level_ratios, tuple) else (self.level_ratios,)
+        return level_budgets(n_valid, k_last, ratios, self.cluster_sizes)
 
     def select_clusters(self, ctx: DecodeContext) -> Levels | None:
         """Picked clusters per level ``[(index, valid) [B, Hk, K_l]]``, or ``None`` when every cluster of
         every row would be read (dense)."""
         cache = ctx.cache
-        lengths = cache.lengths
-        ks = self.level_sizes(lengths, ctx.layer)
-        n_valid = [num_clusters(lengths, s) for s in self.cluster_sizes]
+        ks = self.level_sizes(cache.lengths, ctx.layer)
+        n_valid = [num_clusters(cache.lengths, s) for s in self.cluster_sizes]
         if bool((ks[-1] >= n_valid[-1]).all()):
             return None
         scores = []
@@ -357,10 +270,7 @@ class MPCache(KVMethod):
         if leader is not None:
             entry = self._slot(ctx, leader).get(_SHARED_SEL)
             if entry is None or entry[0] != ctx.step or not torch.equal(entry[1], ctx.cache.lengths):
-                raise ConfigError(
-                    f"mpcache: layer {ctx.layer} shares layer {leader}'s selection, which is missing or "
-                    "was made for a different cache layout"
-                )
+                raise ConfigError(f"mpcache: layer {ctx.layer} has no matching selection of layer {leader}")
             return entry[2]
         levels = self.select_clusters(ctx)
         ctx.state["mpcache_levels"] = levels
@@ -370,6 +280,14 @@ class MPCache(KVMethod):
             sel = Selection(index=idx, valid=valid)
         self._slot(ctx, ctx.layer)[_SHARED_SEL] = (ctx.step, ctx.cache.lengths.clone(), sel)
         return sel
+
+
+def _number(method: str, name: str, val: Any, open_low: bool) -> float:
+    """Check ``val`` lies in ``(0, 1]`` (``open_low``) or ``[0, 1]``."""
+    num = isinstance(val, int | float) and not isinstance(val, bool)
+    if not num or val > 1 or val < 0 or (open_low and val == 0):
+        raise ConfigError(f"{method}: {name} must lie in {'(' if open_low else '['}0, 1], got {val!r}")
+    return float(val)
 
 
 def _int_tuple(method: str, name: str, val: Any, low: int) -> tuple[int, ...]:
