@@ -117,7 +117,7 @@ class Engine:
                 cache[layer].append(k, v, positions, counts=lengths)
                 attn = xp.prefill_attention(q, k, v, lengths, model.scale, cfg.sliding_window)
             ctx = PrefillContext(
-                layer, cfg, cache[layer], q, lengths, model.scale, states[layer], model.inv_freq, states
+                layer, cfg, cache[layer], q, lengths, model.scale, states[layer], model.inv_freq, states, xp
             )
             with xp.scope(phase="method", layer=layer):
                 self.method.on_prefill(ctx)
@@ -164,6 +164,7 @@ class Engine:
                 model.scale,
                 session.states[layer],
                 session.states,
+                xp,
             )
             with xp.scope(phase="selection", layer=layer):
                 self.method.before_append(ctx)
@@ -211,6 +212,10 @@ class Engine:
                 ctx.q, lc.keys(), lc.values(), lc.lengths, ctx.scale, keep, need_probs
             )
             session.read_sums[layer] += float(lc.lengths.float().mean())
+        elif sel.gather is not None:  # a secure selection gathers obliviously (indices stay secret)
+            ks, vs, counts, ksel = sel.gather(lc)
+            out, probs = xp.cache_attention(ctx.q, ks, vs, counts, ctx.scale, ksel, False)
+            session.read_sums[layer] += float(counts.float().mean())
         else:
             b = sel.index.shape[0]
             ks, vs = xp.take_rows(lc.keys(), sel.index), xp.take_rows(lc.values(), sel.index)

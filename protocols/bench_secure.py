@@ -60,7 +60,7 @@ def _shared_session(engine: Any, plain_model: Any, config: Any, n: int, seed: in
     with comm.paused():
         for layer in range(c.num_hidden_layers):
             ctx = PrefillContext(layer, c, cache[layer], None, lengths, engine.model.scale, states[layer],
-                                 engine.model.inv_freq, states)
+                                 engine.model.inv_freq, states, engine.model.xp)
             engine.method.on_prefill(ctx)
     return Session(cache=cache, positions=lengths.clone(), prompt_lengths=lengths, states=states,
                    logits=logits, read_sums=[0.0] * c.num_hidden_layers, peak_cache_bytes=0,

@@ -64,6 +64,7 @@ __all__ = [
     "import_crypten",
     "exact_decode",
     "stock_decode",
+    "stock",
     "contiguous_",
     "set_collective_timeout",
     "collective_timeout",
@@ -74,6 +75,7 @@ _LOCK = threading.RLock()
 _APPLIED: list[str] = []
 _CRYPTEN: Any = None
 _STOCK_DECODE: Any = None
+_STOCK: dict[str, Any] = {}
 _TIMEOUT: datetime.timedelta | None = None
 
 # Where torch has kept (or moved) the modules crypten imports by their old names.
@@ -138,6 +140,15 @@ def stock_decode(encoder: Any, tensor: torch.Tensor) -> torch.Tensor:
     return _STOCK_DECODE(encoder, tensor)
 
 
+def stock(name: str) -> Any:
+    """The original CrypTen function a fix replaced: ``"decode"``, ``"replicate_shares"``, ``"eqz_2pc"``.
+
+    For tests that show a bug is real; never call these in library code.
+    """
+    import_crypten()
+    return _STOCK[name]
+
+
 def contiguous_(x: Any) -> Any:
     """Make the share of a CrypTensor contiguous in place (``x.share = x.share.contiguous()``); returns x.
 
@@ -192,16 +203,6 @@ def _patch_contiguous_comm(crypten: Any) -> None:
 
     comm_cls.broadcast = broadcast
 
-    orig_irecv = comm_cls.irecv
-
-    @functools.wraps(orig_irecv)
-    def irecv(self: Any, tensor: Any, src: Any = None) -> Any:
-        if isinstance(tensor, torch.Tensor) and not tensor.is_contiguous():
-            raise ValueError("irecv needs a contiguous buffer (gloo); allocate it with .contiguous()")
-        return orig_irecv(self, tensor, src)
-
-    comm_cls.irecv = irecv
-
     def replicate_shares(share_list: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``replicated.replicate_shares`` on contiguous shares (stock receives into strided views)."""
         comm = crypten.communicator.get()
@@ -221,6 +222,7 @@ def _patch_contiguous_comm(crypten: Any) -> None:
             req.wait()
         return list(zip(shares, received, strict=True))
 
+    _STOCK.setdefault("replicate_shares", replicated.replicate_shares)
     replicated.replicate_shares = replicate_shares
 
 
@@ -239,6 +241,7 @@ def _patch_eq_2pc(crypten: Any) -> None:
         result.encoder._scale = 1
         return result
 
+    _STOCK.setdefault("eqz_2pc", MPCTensor._eqz_2PC)
     MPCTensor._eqz_2PC = _eqz_2PC
 
 
@@ -248,6 +251,7 @@ def _patch_decode(crypten: Any) -> None:
 
     if _STOCK_DECODE is None:
         _STOCK_DECODE = FixedPointEncoder.decode
+        _STOCK["decode"] = _STOCK_DECODE
     FixedPointEncoder.decode = exact_decode
 
 

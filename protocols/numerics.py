@@ -15,9 +15,10 @@ Two tricks carry most of the accuracy:
   multiplication and a short Newton iteration from a minimax start needs 2–3 steps. This replaces
   CrypTen's ``reciprocal(s/n, input_in_01=True)/n``, which loses precision when ``s ≪ n`` (``s/n`` has
   only a few significant bits: for ``s ≈ 1.1`` at ``n = 16384`` the row sum is off by ~10 %).
-* **exp by a degree-6 Taylor polynomial on x/8, squared three times** instead of CrypTen's
+* **exp by a degree-6 minimax polynomial on x/8, squared three times** instead of CrypTen's
   ``(1 + x/256)**256``: dividing by 256 throws away 8 bits of ``x`` that the squarings amplify back into
-  a ~0.4 % relative error (≈ 230 LSB near 0); dividing by 8 costs 3 bits (≈ 10 LSB).
+  a ~0.4 % relative error (≈ 230 LSB near 0); dividing by 8 costs 3 bits (≈ 10 LSB). The polynomial is
+  a minimax fit rather than Taylor's, whose systematic bias adds up over long softmax rows.
 
 Paper anchors: PUMA (Dong et al. 2023) clips exp to 0 below −14; MPCache's SPU harness does the same.
 """
@@ -55,7 +56,8 @@ __all__ = [
 ]
 
 _EXP_SQUARINGS = 3  # exp(x) = p(x / 8) ** 8
-_EXP_DEGREE = 6
+# nested coefficients a_k = c_k / c_(k-1) of the degree-6 minimax fit (c_0 = 1) of e**y on [-2, 0]
+_EXP_NESTED = (0.9999193796, 0.4993687152, 0.3298390492, 0.2360634135, 0.1598002396, 0.0809577476)
 MASK_FILL = -(2.0**20)
 """Value masked-out scores take for the row max: valid scores must stay above it."""
 
@@ -69,11 +71,16 @@ def _precision() -> int:
 
 
 def _exp_poly(x: Any) -> Any:
-    """``(Σ_{j≤6} (x/8)**j / j!) ** 8`` by Horner and three squarings (9 rounds); accurate on [−16, 0]."""
+    """``p(x/8) ** 8`` with ``p`` the nested degree-6 minimax fit of ``e**y`` on ``[−2, 0]`` (9 rounds).
+
+    ``p(y) = 1 + a1·y(1 + a2·y(1 + … (1 + a6·y)))`` keeps ``p(0) = 1`` exactly (so ``exp(0)`` is exact)
+    and has relative error 3.4e-6 before fixed-point effects; the Taylor polynomial of the same degree
+    is off by 1.4e-3 at ``y = −1.1``, a bias that a long softmax row sums ``n`` times.
+    """
     y = x.div(2**_EXP_SQUARINGS)
-    acc = y * (1.0 / _EXP_DEGREE) + 1.0
-    for j in range(_EXP_DEGREE - 1, 0, -1):
-        acc = (y * (1.0 / j)) * acc + 1.0
+    acc = y * _EXP_NESTED[-1] + 1.0
+    for a in reversed(_EXP_NESTED[:-1]):
+        acc = (y * a) * acc + 1.0
     for _ in range(_EXP_SQUARINGS):
         acc = acc.square()
     return acc
@@ -106,18 +113,11 @@ def _pow2_factor(x: Any, e_lo: int, e_hi: int) -> Any:
     """
     crypten = import_crypten()
     p = _precision()
+    if e_hi - 1 > p or e_lo < -40:
+        raise ConfigError(f"range [2**{e_lo}, 2**{e_hi}] too wide for {p} fractional bits")
     edges = list(range(e_lo + 1, e_hi))
-    if e_hi - 1 > p:
-        raise ConfigError(f"range too large for {p} fractional bits: 2**{e_hi} > 2**{p + 1}")
-    if e_lo < -40:
-        raise ConfigError(f"range too small: 2**{e_lo}")
-    share = _add_public(torch.zeros_like(x.share), torch.full(x.share.shape, 1 << (p - e_lo)))
-    if edges:
-        diffs = crypten.stack([x - float(2.0**e) for e in edges])
-        ge = 1 - diffs.lt(0)  # [m, ...] scale-1 bits, monotone in the edge
-        coef = torch.tensor([(1 << (p - e)) - (1 << (p - e + 1)) for e in edges], dtype=torch.long)
-        share = share + (ge.share * coef.view(-1, *([1] * x.dim()))).sum(0)
-    return _from_share(share, p)
+    ge = 1 - crypten.stack([x - float(2.0**e) for e in edges]).lt(0) if edges else None
+    return _bits_linear(ge, 1 << (p - e_lo), [(1 << (p - e)) - (1 << (p - e + 1)) for e in edges], x)
 
 
 def reciprocal(x: Any, *, x_min: float = 1.0, x_max: float = 2.0**14, nr_iters: int = 3) -> Any:
@@ -125,8 +125,8 @@ def reciprocal(x: Any, *, x_min: float = 1.0, x_max: float = 2.0**14, nr_iters: 
 
     Range reduction to ``u = x·2**-e ∈ [1, 2)`` with ``ceil(log2(x_max/x_min))`` public thresholds,
     Newton ``y ← y(2 − u·y)`` from the minimax line ``24/17 − 8u/17`` (relative error 1/17 → 3.5e-3 →
-    1.2e-5 → 1.5e-10), then ``1/x = 2**-e · y``. Error (measured): ≤ 2 LSB absolute, and relative error
-    ≲ 2**-15 while ``1/x`` is large. Inputs outside the range diverge. Cost: one comparison over
+    1.2e-5 → 1.5e-10), then ``1/x = 2**-e · y``. Error (measured): ≤ 3 LSB + 4·2**-16 relative (the
+    relative part matters where ``1/x`` is large, i.e. ``x < 1``). Inputs outside the range diverge. Cost: one comparison over
     ``#thresholds`` copies of ``x``, then ``2 + 2·nr_iters`` multiplication rounds.
     """
     if not 0 < x_min < x_max:
@@ -144,60 +144,59 @@ def reciprocal(x: Any, *, x_min: float = 1.0, x_max: float = 2.0**14, nr_iters: 
 
 
 def rsqrt(x: Any, *, x_min: float = 2.0**-12, x_max: float = 2.0**18, nr_iters: int = 2) -> Any:
-    """``1/sqrt(x)`` for secret ``x`` in ``[x_min, x_max]`` (``x_max <= 2**40``).
+    """``1/sqrt(x)`` for secret ``x`` in ``[x_min, x_max]`` (``2**-16 <= x_min``, ``x_max <= 2**32``).
 
-    Range reduction by powers of 4 to ``u ∈ [1, 4)`` (inputs above ``2**16`` are first divided by a
-    public ``4**k``), a quadratic minimax start (relative error 2.4 %), two Newton steps
-    ``y ← y(3 − u·y²)/2``, then ``rsqrt(x) = 2**-i · y``. Error (measured): ≤ 2 LSB absolute plus the
-    input's own quantisation, i.e. relative error ≈ ``2**-17/x`` + 2**-15: small ``x`` (a few LSB) are as
-    imprecise as their encoding, and large ``x`` give small outputs with few significant bits. For
-    RMSNorm use :func:`rms_norm`, which keeps the relative precision at both ends. Cost: one comparison
-    (``log4(x_max/x_min)`` thresholds), 8 multiplication rounds.
+    Range reduction by powers of 4 to ``u = x·4**-i ∈ [1, 4)`` (for ``i > 8`` the factor is applied in
+    two encodable steps), a quadratic minimax start (relative error 2.4 %), two Newton steps
+    ``y ← y(3 − u·y²)/2``, then ``rsqrt(x) = 2**-i · y``. Error (measured): ≤ 3 LSB + 4·2**-16 relative.
+    Note what fixed point allows: a small ``x`` is only known to ±2**-17 (relative ``2**-17/x``), a
+    large ``x`` has a small result with few significant bits (:func:`rms_norm` avoids that), and in
+    2-party CrypTen every multiplication of ``x`` fails with probability ≈ ``x·2**16/2**64``
+    (truncation wrap, issue #347), so keep ``x_max`` below ~2**24 in practice.
+    Cost: one comparison over ``log4(x_max/x_min)`` thresholds, 8 (9 above ``2**16``) rounds.
     """
-    g, y, k = _rsqrt_factors(x, x_min, x_max, nr_iters)
-    out = g * y
-    return out if k == 0 else out.div(1 << k)
+    g, y = _rsqrt_factors(x, x_min, x_max, nr_iters)
+    return g * y
 
 
-def _rsqrt_factors(x: Any, x_min: float, x_max: float, nr_iters: int) -> tuple[Any, Any, int]:
-    """``(g, y, k)`` with ``rsqrt(x) = g·y / 2**k``; ``g = 2**-i`` exact, ``y ∈ (1/2, 1]``, ``k`` public."""
+def _bits_linear(ge: Any, base: int, coefs: list[int], like: Any) -> Any:
+    """Fixed-point secret ``base + Σ_j ge_j·coef_j`` (ring integers) from stacked scale-1 bits ``ge``."""
+    p = _precision()
+    share = _add_public(torch.zeros_like(like.share), torch.full(like.share.shape, base))
+    if coefs:
+        view = (-1, *([1] * like.dim()))
+        share = share + (ge.share * torch.tensor(coefs, dtype=torch.long).view(view)).sum(0)
+    return _from_share(share, p)
+
+
+def _rsqrt_factors(x: Any, x_min: float, x_max: float, nr_iters: int) -> tuple[Any, Any]:
+    """``(g, y)`` with ``rsqrt(x) = g·y``; ``g = 2**-i`` exact (a power of two), ``y ∈ (1/2, 1]``."""
     crypten = import_crypten()
     p = _precision()
     if not 0 < x_min < x_max:
         raise ConfigError(f"rsqrt: need 0 < x_min < x_max, got {x_min}, {x_max}")
-    if x_max > 2.0**40:
-        raise ConfigError(f"rsqrt: x_max must be <= 2**40, got {x_max}")
-    k = max(0, math.ceil((math.log2(x_max) - p) / 2))  # public pre-division by 4**k keeps f encodable
-    if k:
-        x = x.div(4**k)
-        x_min, x_max = x_min / 4**k, x_max / 4**k
-    if x_min < 2.0**-14:
-        raise ConfigError(
-            f"rsqrt: range too wide for {p} fractional bits (x_min after pre-scaling by 4**-{k} is "
-            f"{x_min:g} < 2**-14); narrow [x_min, x_max] or pass a scale hint"
-        )
+    if x_min < 2.0**-p or x_max > 4.0**p:
+        raise ConfigError(f"rsqrt: range must lie in [2**-{p}, 2**{2 * p}], got [{x_min}, {x_max}]")
     i_lo = math.floor(math.log(x_min, 4))
     i_hi = max(i_lo + 1, math.ceil(math.log(x_max, 4)))
-    edges = list(range(i_lo + 1, i_hi))  # thresholds 4**i
-    shape = x.share.shape
-    f_share = _add_public(torch.zeros_like(x.share), torch.full(shape, 1 << (p - 2 * i_lo)))
-    g_share = _add_public(torch.zeros_like(x.share), torch.full(shape, 1 << (p - i_lo)))
-    if edges:
-        diffs = crypten.stack([x - float(4.0**i) for i in edges])
-        ge = (1 - diffs.lt(0)).share
-        view = (-1, *([1] * x.dim()))
-        fc = torch.tensor([(1 << (p - 2 * i)) - (1 << (p - 2 * i + 2)) for i in edges]).view(view)
-        gc = torch.tensor([(1 << (p - i)) - (1 << (p - i + 1)) for i in edges]).view(view)
-        f_share = f_share + (ge * fc).sum(0)
-        g_share = g_share + (ge * gc).sum(0)
-    f = _from_share(f_share, p)  # 4**-i
-    g = _from_share(g_share, p)  # 2**-i
-    u = x * f  # [1, 4)
+    edges = list(range(i_lo + 1, i_hi))  # thresholds 4**i; bin i covers [4**i, 4**(i+1))
+    ge = 1 - crypten.stack([x - float(4.0**i) for i in edges]).lt(0) if edges else None
+    half = p // 2  # 4**-i = 4**-min(i, half) · 4**-max(i - half, 0), both encodable
+
+    def lin(fn: Any) -> Any:
+        base = fn(i_lo)
+        return _bits_linear(ge, base, [fn(i) - fn(i - 1) for i in edges], x)
+
+    fa = lin(lambda i: 1 << (p - 2 * min(i, half)))
+    u = x * fa
+    if i_hi - 1 > half:
+        u = u * lin(lambda i: 1 << (p - 2 * max(i - half, 0)))  # [1, 4)
+    g = lin(lambda i: 1 << (p - i))
     c0, c1, c2 = _RSQRT_INIT
     y = u * c1 + c0 + u.square() * c2
     for _ in range(nr_iters):
         y = (y * (3.0 - u * y.square())).div(2)
-    return g, y, k
+    return g, y
 
 
 def rms_norm(
@@ -219,15 +218,16 @@ def rms_norm(
 
     The sum of squares ``ss = d·ms`` is never divided by ``d`` (that would keep only ``ms·2**16``
     significant units): ``x/sqrt(ms) = (x·sqrt(d)) · rsqrt(ss)``, with ``rsqrt(ss) = 2**-i·y`` from
-    :func:`rsqrt`'s range reduction, evaluated as ``((x·sqrt(d))·2**-i)·y``. Error (measured): ≤ 4 LSB
-    on the normalised values (times ``|weight|``) over the whole range. Cost: 1 (squares) + one
+    :func:`rsqrt`'s range reduction, evaluated as ``((x·sqrt(d))·2**-i)·y``. Error (measured): ≤ 5 LSB
+    on the normalised values (times ``|weight|``) while ``ms >= 2**-4``; below that it grows roughly
+    like ``2**-12/ms`` LSB (≈ 120 LSB at ``ms = 2**-11``), which the ``scale`` hint removes. Cost: 1 (squares) + one
     comparison + 7 (rsqrt) + 2 multiplication rounds (+1 for a secret weight).
     """
     d = x.size(-1)
     xs = x if scale == 1.0 else x * (1.0 / math.sqrt(scale))
     ss = xs.square().sum(-1, keepdim=True) + d * eps / scale
-    g, y, k = _rsqrt_factors(ss, d * ms_min, d * ms_max, nr_iters=2)
-    out = ((xs * (math.sqrt(d) / 2**k)) * g) * y
+    g, y = _rsqrt_factors(ss, d * ms_min, d * ms_max, nr_iters=2)
+    out = ((xs * math.sqrt(d)) * g) * y
     return out * weight
 
 

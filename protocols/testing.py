@@ -35,7 +35,15 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["run_parties", "run_checks", "party_settings", "PartyFailure"]
+__all__ = [
+    "run_parties",
+    "run_checks",
+    "register_checks",
+    "check_report",
+    "assert_check_passed",
+    "party_settings",
+    "PartyFailure",
+]
 
 _PROTOCOLS = ("beaver", "replicated")
 
@@ -230,15 +238,20 @@ def run_parties(
     return [out[r] for r in range(world_size)]
 
 
-def _run_checks_entry(checks: Sequence[Callable[[], Any]]) -> dict[str, str | None]:
-    report: dict[str, str | None] = {}
+def _check_name(check: Callable[..., Any]) -> str:
+    return f"{getattr(check, '__module__', '?')}.{getattr(check, '__qualname__', repr(check))}"
+
+
+def _run_checks_entry(checks: Sequence[Callable[[], Any]]) -> dict[str, tuple[str | None, float]]:
+    report: dict[str, tuple[str | None, float]] = {}
     for check in checks:
-        name = getattr(check, "__name__", repr(check))
+        t0 = time.perf_counter()
         try:
             check()
-            report[name] = None
+            tb = None
         except Exception:
-            report[name] = traceback.format_exc()
+            tb = traceback.format_exc()
+        report[_check_name(check)] = (tb, time.perf_counter() - t0)
     return report
 
 
@@ -246,17 +259,61 @@ def run_checks(
     checks: Sequence[Callable[[], Any]],
     world_size: int = 2,
     **kwargs: Any,
-) -> dict[str, str | None]:
-    """Run many named checks in one launch; return ``{check.__name__: None | traceback}``.
+) -> dict[str, tuple[str | None, float]]:
+    """Run many checks in one launch; return ``{"module.name": (None | traceback, seconds)}`` (rank 0).
 
     A check that fails on every party (the usual case when asserting on revealed values) is reported and
     the next check runs; a check that fails on some parties only desynchronises them, which the collective
-    timeout turns into a ``PartyFailure`` for the whole batch. Rank 0's report is returned; the ranks must
-    agree on which checks passed.
+    timeout turns into a ``PartyFailure`` for the whole batch. The ranks must agree on which checks
+    passed. ``kwargs`` go to :func:`run_parties`.
     """
     reports = run_parties(_run_checks_entry, world_size, args=(list(checks),), **kwargs)
     first = reports[0]
+    verdict = {k: v[0] is None for k, v in first.items()}
     for r, rep in enumerate(reports[1:], start=1):
-        if {k: v is None for k, v in rep.items()} != {k: v is None for k, v in first.items()}:
+        if {k: v[0] is None for k, v in rep.items()} != verdict:
             raise PartyFailure(f"ranks 0 and {r} disagree on which checks passed: {first} vs {rep}")
     return first
+
+
+# A process-wide registry lets every test module add its checks to one shared launch per configuration
+# (modules register at import, i.e. during pytest collection; the first test to need a report runs the
+# batch). Process start-up dominates small MPC tests, so this is what keeps the suite fast.
+_REGISTRY: dict[str, tuple[dict[str, Any], dict[str, Callable[[], Any]]]] = {}
+_REPORTS: dict[str, dict[str, tuple[str | None, float]] | PartyFailure] = {}
+
+
+def register_checks(key: str, checks: Sequence[Callable[[], Any]], **launch: Any) -> None:
+    """Add module-level ``checks`` to the shared launch ``key`` (``launch`` = :func:`run_checks` kwargs).
+
+    Every registration of one key must use the same launch arguments (``world_size``, ``protocol``...).
+    """
+    if key in _REPORTS:
+        raise RuntimeError(f"checks for {key!r} already ran; register at import time")
+    spec, registered = _REGISTRY.setdefault(key, (dict(launch), {}))
+    if spec != launch:
+        raise ValueError(f"launch {key!r} registered with {spec}, now with {launch}")
+    for check in checks:
+        registered[_check_name(check)] = check
+
+
+def check_report(key: str) -> dict[str, tuple[str | None, float]]:
+    """Run the shared launch ``key`` once (all checks registered so far) and return its report."""
+    if key not in _REPORTS:
+        spec, registered = _REGISTRY[key]
+        try:
+            _REPORTS[key] = run_checks(list(registered.values()), **spec)
+        except PartyFailure as exc:
+            _REPORTS[key] = exc
+    rep = _REPORTS[key]
+    if isinstance(rep, PartyFailure):
+        raise PartyFailure(f"shared launch {key!r} failed:\n{rep}")
+    return rep
+
+
+def assert_check_passed(key: str, check: Callable[[], Any]) -> float:
+    """Raise ``AssertionError`` with the party traceback unless ``check`` passed; return its seconds."""
+    tb, seconds = check_report(key)[_check_name(check)]
+    if tb is not None:
+        raise AssertionError(f"{_check_name(check)} failed in the parties:\n{tb}")
+    return seconds

@@ -36,6 +36,10 @@ class Selection:
 
     index: torch.Tensor
     valid: torch.Tensor
+    #: Optional custom gather (secure selections whose indices are secret): ``gather(cache) -> (k, v,
+    #: lengths, keep)`` returning the rows to attend, their public lengths ``[B, Hk]`` and an optional keep
+    #: mask. ``index``/``valid`` then only describe the (public) sizes.
+    gather: Any = None
 
     @property
     def counts(self) -> torch.Tensor:
@@ -55,6 +59,7 @@ class PrefillContext:
     state: dict[str, Any]
     inv_freq: torch.Tensor
     all_states: list[dict[str, Any]] = field(default_factory=list)  # every layer's state (cross-layer)
+    xp: Any = None  # the backend (``TORCH`` or ``CrypTenBackend``); secure methods branch on ``xp.secure``
 
     @property
     def num_layers(self) -> int:
@@ -74,6 +79,7 @@ class DecodeContext:
     scale: float
     state: dict[str, Any]
     all_states: list[dict[str, Any]] = field(default_factory=list)
+    xp: Any = None
 
     @property
     def num_layers(self) -> int:
