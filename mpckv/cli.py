@@ -171,6 +171,12 @@ def _add_generate(sub: Any) -> None:
         action="store_true",
         help="private generation under MPC; run inside `mpckv launch --parties N -- generate --secure ...`",
     )
+    p.add_argument(
+        "--kv-cache",
+        choices=["stock", "persistent"],
+        default="persistent",
+        help="secure KV cache: persistent masks (default; O(d + n) per step) or stock CrypTen re-masking",
+    )
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.set_defaults(handler=cmd_generate)
 

@@ -49,7 +49,7 @@ def generate_secure(args: argparse.Namespace, prompt: str, budget: Any, params: 
     if budget is not None:
         params = {**params, "budget": budget}
     model_path = args.model if rank == WEIGHT_PARTY else None
-    run = secure_generate(model_path, ids, args.max_new_tokens, args.method, params)
+    run = secure_generate(model_path, ids, args.max_new_tokens, args.method, params, kv_cache=args.kv_cache)
     if rank != OUTPUT_PARTY:
         return 0
     assert tokenizer is not None and run.tokens is not None
@@ -110,10 +110,19 @@ def cmd_bench_secure(args: argparse.Namespace) -> int:
         budget=args.budget,
         params=per_method,
         prefill_lengths=_int_list(args.prefill_lengths) if args.prefill_lengths else [],
+        kv_caches=_kv_caches(args.kv_cache),
         out=args.json or _tmp_json(),
     )
     print(format_table(records))
     return 0
+
+
+def _kv_caches(text: str) -> list[str]:
+    out = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in out if x not in ("stock", "persistent")]
+    if not out or bad:
+        raise UsageError(f"--kv-cache takes stock, persistent or both (comma-separated), got {text!r}")
+    return out
 
 
 def _tmp_json() -> str:
@@ -146,5 +155,10 @@ def add_mpc_commands(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=2, help="decode steps measured per cell (default 2)")
     p.add_argument("--budget", type=float, default=0.1, help="budget for non-dense methods (default 0.1)")
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE")
+    p.add_argument(
+        "--kv-cache",
+        default="stock,persistent",
+        help="secure KV caches to measure: stock, persistent or both",
+    )
     p.add_argument("--json", metavar="FILE", help="write the records to this JSON file")
     p.set_defaults(handler=cmd_bench_secure)

@@ -40,9 +40,12 @@ class CrypTenBackend:
     name = "crypten"
     secure = True
 
-    def __init__(self, output_party: int = OUTPUT_PARTY):
+    def __init__(self, output_party: int = OUTPUT_PARTY, kv_cache: str = "stock"):
+        if kv_cache not in ("stock", "persistent"):
+            raise ConfigError(f"kv_cache must be 'stock' or 'persistent', got {kv_cache!r}")
         self.crypten = import_crypten()
         self.output_party = output_party
+        self.kv_cache = kv_cache
 
     # ------------------------------------------------------------------ accounting scopes
     @contextlib.contextmanager
@@ -88,24 +91,45 @@ class CrypTenBackend:
             raise ConfigError("secure prefill takes SecretTokens (see mpckv.protocols.share_prompt)")
         return input_ids.onehot, torch.tensor([input_ids.length], dtype=torch.long)
 
-    def new_cache(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                  device: torch.device) -> Any:
+    def new_cache(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Any:
+        if self.kv_cache == "persistent":
+            from mpckv.protocols.persistent_cache import PersistentKVCache
+
+            return PersistentKVCache(num_layers, batch, kv_heads, head_dim)
         from mpckv.protocols.secure_cache import SecureKVCache
 
         return SecureKVCache(num_layers, batch, kv_heads, head_dim)
 
     def _attend(self, q: Any, k: Any, v: Any, keep: torch.Tensor, scale: float) -> tuple[Any, Any]:
         """``q [B, Hk, G, T, d]``, ``k, v [B, Hk, L, d]``, public ``keep [.., T, L]`` → out, probs."""
+        from mpckv.protocols.persistent_cache import persistent_source
+
         b, hk, g, t, d = q.shape
+        src_k, src_v = persistent_source(k), persistent_source(v)
         with comm.op("qk"):
-            scores = q.reshape(b, hk, g * t, d).matmul(k.transpose(-1, -2)).reshape(b, hk, g, t, -1)
+            if src_k is not None and src_k.which == "k":  # persistent mask: O(d) online
+                scores = src_k.cache.qk(q)
+            else:
+                scores = q.reshape(b, hk, g * t, d).matmul(k.transpose(-1, -2)).reshape(b, hk, g, t, -1)
         probs = self.softmax(scores * scale, dim=-1, keep=keep)
         with comm.op("pv"):
-            out = probs.reshape(b, hk, g * t, -1).matmul(v).reshape(b, hk, g, t, d)
+            if src_v is not None and src_v.which == "v":  # persistent mask: O(n) online
+                out = src_v.cache.pv(probs)
+            else:
+                out = probs.reshape(b, hk, g * t, -1).matmul(v).reshape(b, hk, g, t, d)
         return out, probs
 
-    def prefill_attention(self, q: Any, k: Any, v: Any, lengths: torch.Tensor, scale: float,
-                          sliding_window: int | None) -> Any:
+    def prefill_attention(
+        self, q: Any, k: Any, v: Any, lengths: torch.Tensor, scale: float, sliding_window: int | None
+    ) -> Any:
         b, h, t, d = q.shape
         hk = k.shape[1]
         i = torch.arange(t)
@@ -115,8 +139,16 @@ class CrypTenBackend:
         out, _ = self._attend(q.reshape(b, hk, h // hk, t, d), k, v, keep[None, None, None], scale)
         return out.reshape(b, h, t, d)
 
-    def cache_attention(self, q: Any, k: Any, v: Any, lengths: torch.Tensor, scale: float,
-                        keep: torch.Tensor | None, return_probs: bool) -> tuple[Any, Any | None]:
+    def cache_attention(
+        self,
+        q: Any,
+        k: Any,
+        v: Any,
+        lengths: torch.Tensor,
+        scale: float,
+        keep: torch.Tensor | None,
+        return_probs: bool,
+    ) -> tuple[Any, Any | None]:
         b, h, d = q.shape
         hk, n = k.shape[1], k.shape[2]
         live = torch.arange(n)[None, None, :] < lengths[..., None]
@@ -127,7 +159,9 @@ class CrypTenBackend:
 
     def take_rows(self, x: Any, index: torch.Tensor) -> Any:
         if not isinstance(index, torch.Tensor):
-            raise ConfigError("secure gathers by a secret selection need a one-hot gather (not supported yet)")
+            raise ConfigError(
+                "secure gathers by a secret selection need a one-hot gather (not supported yet)"
+            )
         b, hk, kk = index.shape
         return x.gather(2, index[..., None].expand(b, hk, kk, x.shape[-1]))
 

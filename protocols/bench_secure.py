@@ -24,9 +24,20 @@ from mpckv.protocols import comm
 from mpckv.protocols.compat import import_crypten
 from mpckv.protocols.netmodel import modelled_seconds
 
-RECORD_FIELDS = ("method", "kv_cache", "phase", "length", "parties", "protocol", "bytes_per_token",
-                 "rounds_per_token", "online_bytes_per_token", "lan_s_per_token", "wan_s_per_token",
-                 "wall_s_per_token")
+RECORD_FIELDS = (
+    "method",
+    "kv_cache",
+    "phase",
+    "length",
+    "parties",
+    "protocol",
+    "bytes_per_token",
+    "rounds_per_token",
+    "online_bytes_per_token",
+    "lan_s_per_token",
+    "wan_s_per_token",
+    "wall_s_per_token",
+)
 
 
 def _rank() -> int:
@@ -36,20 +47,22 @@ def _rank() -> int:
 def _shared_session(engine: Any, plain_model: Any, config: Any, n: int, seed: int) -> Any:
     """A secure Session holding a secret KV cache of ``n`` entries (plaintext prefill on party 0)."""
     from mpckv.plaintext.engine import Engine, Session
-    from mpckv.protocols.secure_cache import SecureKVCache
 
     crypten = import_crypten()
     c = config
     ids = torch.randint(0, c.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
     plain = Engine(plain_model, "dense").prefill([ids]) if plain_model is not None else None
-    cache = SecureKVCache(c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim)
+    cache = engine.model.xp.new_cache(
+        c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim, torch.float32, torch.device("cpu")
+    )
     shape = (1, c.num_key_value_heads, n, c.head_dim)
     with comm.paused():  # setup, not part of a decode step
         for layer in range(c.num_hidden_layers):
             k = plain.cache[layer].keys().float() if plain is not None else torch.zeros(shape)
             v = plain.cache[layer].values().float() if plain is not None else torch.zeros(shape)
-            cache[layer].append(crypten.cryptensor(k, src=0), crypten.cryptensor(v, src=0),
-                                torch.arange(n)[None])
+            cache[layer].append(
+                crypten.cryptensor(k, src=0), crypten.cryptensor(v, src=0), torch.arange(n)[None]
+            )
             # the method sees the cache as a prefill would leave it
         lengths = torch.tensor([n])
         logits = crypten.cryptensor(torch.zeros(1, c.vocab_size), src=0)
@@ -59,19 +72,45 @@ def _shared_session(engine: Any, plain_model: Any, config: Any, n: int, seed: in
 
     with comm.paused():
         for layer in range(c.num_hidden_layers):
-            ctx = PrefillContext(layer, c, cache[layer], None, lengths, engine.model.scale, states[layer],
-                                 engine.model.inv_freq, states, engine.model.xp)
+            ctx = PrefillContext(
+                layer,
+                c,
+                cache[layer],
+                None,
+                lengths,
+                engine.model.scale,
+                states[layer],
+                engine.model.inv_freq,
+                states,
+                engine.model.xp,
+            )
             engine.method.on_prefill(ctx)
-    return Session(cache=cache, positions=lengths.clone(), prompt_lengths=lengths, states=states,
-                   logits=logits, read_sums=[0.0] * c.num_hidden_layers, peak_cache_bytes=0,
-                   dense_lengths=lengths.clone())
+    return Session(
+        cache=cache,
+        positions=lengths.clone(),
+        prompt_lengths=lengths,
+        states=states,
+        logits=logits,
+        read_sums=[0.0] * c.num_hidden_layers,
+        peak_cache_bytes=0,
+        dense_lengths=lengths.clone(),
+    )
 
 
-def _record(method: str, phase: str, n: int, steps: int, stats: Any, wall: float, parties: int,
-            protocol: str) -> dict[str, Any]:
+def _record(
+    method: str,
+    kv_cache: str,
+    phase: str,
+    n: int,
+    steps: int,
+    stats: Any,
+    wall: float,
+    parties: int,
+    protocol: str,
+) -> dict[str, Any]:
     return {
         "method": method,
-        "kv_cache": "stock",
+        "kv_cache": kv_cache,
         "phase": phase,
         "length": n,
         "parties": parties,
@@ -104,34 +143,38 @@ def party_main(argv: list[str]) -> int:
         shared = share_model(plain, config)
     records: list[dict[str, Any]] = []
     steps = int(spec["steps"])
-    for method in spec["methods"]:
-        params = dict(spec["params"].get(method, {}))
-        if method != "dense" and "budget" not in params:
-            params["budget"] = spec["budget"]
-        engine = Engine(shared, method, **params)
-        for n in spec["lengths"]:
-            session = _shared_session(engine, plain, config, n, seed=n)
-            feed = crypten.cryptensor(torch.nn.functional.one_hot(torch.tensor([1]), config.vocab_size).float())
-            comm.reset()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                engine.decode(session, feed)
-            wall = time.perf_counter() - t0
-            with comm.paused():
-                totals = comm.system_totals()
-            records.append(_record(method, "decode", n, steps, totals, wall, world, protocol))
-            if rank == 0:
-                print(json.dumps(records[-1]), flush=True)
-        for n in spec.get("prefill_lengths", []):
-            ids = torch.randint(0, config.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-            prompt = share_prompt(ids if rank == 1 else None, config.vocab_size)
-            comm.reset()
-            t0 = time.perf_counter()
-            engine.prefill(prompt)
-            wall = time.perf_counter() - t0
-            with comm.paused():
-                totals = comm.system_totals()
-            records.append(_record(method, "prefill", n, 1, totals, wall, world, protocol))
+    for kv_cache in spec.get("kv_caches", ["stock"]):
+        shared.xp.kv_cache = kv_cache
+        for method in spec["methods"]:
+            params = dict(spec["params"].get(method, {}))
+            if method != "dense" and "budget" not in params:
+                params["budget"] = spec["budget"]
+            engine = Engine(shared, method, **params)
+            for n in spec["lengths"]:
+                session = _shared_session(engine, plain, config, n, seed=n)
+                onehot = torch.nn.functional.one_hot(torch.tensor([1]), config.vocab_size).float()
+                feed = crypten.cryptensor(onehot)
+                comm.reset()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    engine.decode(session, feed)
+                wall = time.perf_counter() - t0
+                with comm.paused():
+                    totals = comm.system_totals()
+                records.append(_record(method, kv_cache, "decode", n, steps, totals, wall, world, protocol))
+                if rank == 0:
+                    print(json.dumps(records[-1]), flush=True)
+            for n in spec.get("prefill_lengths", []):
+                gen = torch.Generator().manual_seed(n)
+                ids = torch.randint(0, config.vocab_size, (n,), generator=gen).tolist()
+                prompt = share_prompt(ids if rank == 1 else None, config.vocab_size)
+                comm.reset()
+                t0 = time.perf_counter()
+                engine.prefill(prompt)
+                wall = time.perf_counter() - t0
+                with comm.paused():
+                    totals = comm.system_totals()
+                records.append(_record(method, kv_cache, "prefill", n, 1, totals, wall, world, protocol))
     if rank == 0 and spec.get("out"):
         with open(spec["out"], "w") as fh:
             json.dump(records, fh, indent=2)
@@ -150,6 +193,7 @@ def run_bench(
     budget: float = 0.1,
     params: dict[str, dict[str, Any]] | None = None,
     prefill_lengths: list[int] | None = None,
+    kv_caches: list[str] | None = None,
     out: str,
     timeout: float = 3600,
 ) -> list[dict[str, Any]]:
@@ -158,10 +202,25 @@ def run_bench(
 
     if steps < 1 or not lengths or any(n < 1 for n in lengths):
         raise ConfigError("bench secure needs steps >= 1 and positive lengths")
-    spec = {"model": model, "methods": methods, "lengths": lengths, "steps": steps, "budget": budget,
-            "params": params or {}, "prefill_lengths": prefill_lengths or [], "out": out}
-    code = launch(parties, [json.dumps(spec)], ttp=ttp, protocol=protocol, timeout=timeout,
-                  pycall="mpckv.protocols.bench_secure:party_main")
+    spec = {
+        "model": model,
+        "methods": methods,
+        "lengths": lengths,
+        "steps": steps,
+        "budget": budget,
+        "params": params or {},
+        "prefill_lengths": prefill_lengths or [],
+        "out": out,
+        "kv_caches": kv_caches or ["stock"],
+    }
+    code = launch(
+        parties,
+        [json.dumps(spec)],
+        ttp=ttp,
+        protocol=protocol,
+        timeout=timeout,
+        pycall="mpckv.protocols.bench_secure:party_main",
+    )
     if code != 0:
         raise ConfigError(f"the benchmark parties failed (exit {code}); see the [rank R] lines above")
     with open(out) as fh:
@@ -170,17 +229,24 @@ def run_bench(
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    """A markdown table of the records, with ratios against dense measured in the same run."""
-    dense = {(r["phase"], r["length"], r["parties"]): r for r in records if r["method"] == "dense"}
-    head = ("| method | phase | n | parties | KB/token | rounds/token | LAN s/token | WAN s/token | wall s/token "
-            "| bytes vs dense |")
-    lines = [head, "|" + "---|" * 10]
+    """A markdown table of the records, with ratios against dense over the stock cache in the same run."""
+    ref = {
+        (r["phase"], r["length"], r["parties"]): r
+        for r in records
+        if r["method"] == "dense" and r["kv_cache"] == "stock"
+    }
+    head = (
+        "| method | kv_cache | phase | n | parties | KB/token | rounds/token | LAN s/token | WAN s/token "
+        "| wall s/token | bytes ÷ stock dense | LAN ÷ stock dense |"
+    )
+    lines = [head, "|" + "---|" * 12]
     for r in records:
-        ref = dense.get((r["phase"], r["length"], r["parties"]))
-        ratio = f"{ref['bytes_per_token'] / r['bytes_per_token']:.2f}× less" if ref and r is not ref else "1.00"
+        d = ref.get((r["phase"], r["length"], r["parties"]))
+        bytes_ratio = f"{d['bytes_per_token'] / r['bytes_per_token']:.2f}×" if d else "—"
+        lan_ratio = f"{d['lan_s_per_token'] / r['lan_s_per_token']:.2f}×" if d else "—"
         lines.append(
-            f"| {r['method']} | {r['phase']} | {r['length']} | {r['parties']} | {r['bytes_per_token'] / 1024:.1f} "
-            f"| {r['rounds_per_token']:.0f} | {r['lan_s_per_token']:.3f} | {r['wan_s_per_token']:.2f} "
-            f"| {r['wall_s_per_token']:.3f} | {ratio} |"
+            f"| {r['method']} | {r['kv_cache']} | {r['phase']} | {r['length']} | {r['parties']} "
+            f"| {r['bytes_per_token'] / 1024:.1f} | {r['rounds_per_token']:.0f} | {r['lan_s_per_token']:.3f} "
+            f"| {r['wan_s_per_token']:.2f} | {r['wall_s_per_token']:.3f} | {bytes_ratio} | {lan_ratio} |"
         )
     return "\n".join(lines)

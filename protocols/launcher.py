@@ -63,7 +63,7 @@ DEFAULT_RENDEZVOUS_TIMEOUT_S = 120.0
 DEFAULT_COMM_TIMEOUT_S = 1800.0
 DEFAULT_GRACE_S = 5.0
 PROTOCOLS = ("beaver", "replicated")
-_TTP_FUNCTIONS = ("additive", "square", "binary", "wraps", "B2A")
+_TTP_FUNCTIONS = ("additive", "square", "binary", "wraps", "B2A", "pm_triple", "pm_release")
 
 
 class PartyError(MpckvError, RuntimeError):
@@ -396,6 +396,9 @@ def _dealer_loop(crypten: Any, rank: int, comm_timeout: float) -> int:
     import crypten.communicator as ccomm
     from crypten.mpc.provider.ttp_provider import TTPServer
 
+    from mpckv.protocols.masked_matmul import install_dealer
+
+    install_dealer()  # persistent-mask KV cache requests (pm_triple, pm_release)
     server = TTPServer.__new__(TTPServer)
     c = ccomm.get()
     server.ttp_group, server.comm_group, server.device = c.ttp_group, c.ttp_comm_group, "cpu"

@@ -69,14 +69,18 @@ class SecureLayerCache:
             "see the README's method table for what runs under MPC"
         )
 
-    def append(self, k_new: Any, v_new: Any, pos_new: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+    def append(
+        self, k_new: Any, v_new: Any, pos_new: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> None:
         """Append ``T`` secret entries ``[1, Hk, T, d]`` at public positions ``pos_new [1, T]``."""
         from mpckv.protocols.compat import import_crypten
 
         crypten = import_crypten()
         b, hk, t, d = k_new.shape
         if (b, hk, d) != (self.batch, self.kv_heads, self.head_dim):
-            raise ShapeError(f"append expects [1, {self.kv_heads}, T, {self.head_dim}], got {tuple(k_new.shape)}")
+            raise ShapeError(
+                f"append expects [1, {self.kv_heads}, T, {self.head_dim}], got {tuple(k_new.shape)}"
+            )
         if counts is not None and bool((counts != t).any()):
             raise ShapeError("secure prefill takes one unpadded prompt")
         self.k = k_new if self.k is None else crypten.cat([self.k, k_new], dim=2)

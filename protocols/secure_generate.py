@@ -31,6 +31,7 @@ class SecureRun:
     stats: Any  # GenerationStats (public quantities only)
     comm: Any  # system CommStats (every party gets the totals)
     wall_s: float
+    kv_cache: str = "stock"
 
 
 def require_parties() -> int:
@@ -50,6 +51,7 @@ def secure_generate(
     max_new_tokens: int,
     method: str = "dense",
     method_params: dict[str, Any] | None = None,
+    kv_cache: str = "stock",
 ) -> SecureRun:
     """Run one private greedy generation; a collective (every party must call it).
 
@@ -65,14 +67,15 @@ def secure_generate(
     t0 = time.perf_counter()
     model = load_model(model_path) if rank == WEIGHT_PARTY and model_path is not None else None
     config = broadcast_config(model.config if model is not None else None, WEIGHT_PARTY)
-    shared = share_model(model, config, WEIGHT_PARTY)
+    shared = share_model(model, config, WEIGHT_PARTY, kv_cache=kv_cache)
     prompt = share_prompt(prompt_ids if rank == OUTPUT_PARTY else None, config.vocab_size, OUTPUT_PARTY)
     engine = Engine(shared, method, **(method_params or {}))
     result = engine.generate(prompt, max_new_tokens, stop_tokens=[])
     wall = time.perf_counter() - t0
     with comm.paused():
         totals = comm.system_totals()
-    return SecureRun(rank, result.tokens[0] if rank == OUTPUT_PARTY else None, result.stats, totals, wall)
+    tokens = result.tokens[0] if rank == OUTPUT_PARTY else None
+    return SecureRun(rank, tokens, result.stats, totals, wall, kv_cache)
 
 
 def run_to_json(run: SecureRun, text: str | None, method: str, budget: Any) -> dict[str, Any]:
@@ -87,6 +90,7 @@ def run_to_json(run: SecureRun, text: str | None, method: str, budget: Any) -> d
         "method": method,
         "budget": budget,
         "secure": True,
+        "kv_cache": run.kv_cache,
         **{
             k: st[k]
             for k in (

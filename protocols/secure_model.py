@@ -45,8 +45,14 @@ def _share(t: torch.Tensor | None, shape: tuple[int, ...], src: int) -> Any:
     return crypten.cryptensor(plain, src=src)
 
 
-def share_model(model: LlamaModel | None, config: ModelConfig, src: int = WEIGHT_PARTY) -> LlamaModel:
-    """Secret-share party ``src``'s weights; other parties pass ``model=None`` and the broadcast config."""
+def share_model(
+    model: LlamaModel | None, config: ModelConfig, src: int = WEIGHT_PARTY, kv_cache: str = "stock"
+) -> LlamaModel:
+    """Secret-share party ``src``'s weights; other parties pass ``model=None`` and the broadcast config.
+
+    ``kv_cache="persistent"`` makes the model's backend keep K/V with persistent masks
+    (:mod:`mpckv.protocols.persistent_cache`); ``"stock"`` keeps CrypTen's re-masking baseline.
+    """
     with comm.labels(phase="setup", op="share_weights"):
         if _rank() == src and model is None:
             raise ConfigError(f"party {src} must hold the model")
@@ -88,7 +94,7 @@ def share_model(model: LlamaModel | None, config: ModelConfig, src: int = WEIGHT
             if c.tie_word_embeddings
             else _share(model.lm_head if model else None, (c.vocab_size, d), src)
         )
-    return LlamaModel(c, embed, layers, norm, head, backend=CrypTenBackend())
+    return LlamaModel(c, embed, layers, norm, head, backend=CrypTenBackend(kv_cache=kv_cache))
 
 
 def _present_biases(model: LlamaModel | None, src: int) -> set[str]:
