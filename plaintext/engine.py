@@ -286,7 +286,8 @@ class Engine:
         t1 = time.perf_counter()
         bar = _progress(max_new_tokens, progress)
         for i in range(max_new_tokens):
-            feed, visible = xp.next_token(session.logits, sampling, gen)
+            with xp.scope(phase="sample"):
+                feed, visible = xp.next_token(session.logits, sampling, gen)
             for j, tok in enumerate(visible or []):
                 if done[j]:
                     continue

@@ -55,8 +55,10 @@ class CrypTenBackend:
 
     # ------------------------------------------------------------------ arithmetic
     def linear(self, x: Any, weight: Any, bias: Any | None = None) -> Any:
+        from mpckv.protocols.persistent_weights import PersistentWeight
+
         with comm.op("matmul"):
-            out = x.matmul(weight.t())
+            out = weight.linear(x) if isinstance(weight, PersistentWeight) else x.matmul(weight.t())
         return out if bias is None else out + bias
 
     def rms_norm(self, x: Any, weight: Any, eps: float) -> Any:
@@ -79,8 +81,10 @@ class CrypTenBackend:
 
     def embed(self, ids: Any, table: Any) -> Any:
         """Secret one-hot ``[B, T, V]`` times the secret table ``[V, D]``."""
+        from mpckv.protocols.persistent_weights import PersistentWeight
+
         with comm.op("embed"):
-            return ids.matmul(table)
+            return table.lookup(ids) if isinstance(table, PersistentWeight) else ids.matmul(table)
 
     def to_logits(self, x: Any) -> Any:
         return x

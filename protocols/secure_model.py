@@ -50,8 +50,10 @@ def share_model(
 ) -> LlamaModel:
     """Secret-share party ``src``'s weights; other parties pass ``model=None`` and the broadcast config.
 
-    ``kv_cache="persistent"`` makes the model's backend keep K/V with persistent masks
-    (:mod:`mpckv.protocols.persistent_cache`); ``"stock"`` keeps CrypTen's re-masking baseline.
+    ``kv_cache="persistent"`` keeps K/V *and* the weight matrices with persistent masks
+    (:mod:`mpckv.protocols.persistent_cache`, :mod:`mpckv.protocols.persistent_weights`): each is opened
+    once as ``M − B`` and every product opens only the other operand. ``"stock"`` keeps CrypTen's
+    re-masking Beaver products as the baseline.
     """
     with comm.labels(phase="setup", op="share_weights"):
         if _rank() == src and model is None:
@@ -94,6 +96,16 @@ def share_model(
             if c.tie_word_embeddings
             else _share(model.lm_head if model else None, (c.vocab_size, d), src)
         )
+    if kv_cache == "persistent":  # persistent masks for the static weights too (see persistent_weights)
+        from mpckv.protocols.persistent_weights import PersistentWeight
+
+        matrices = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        for lw in layers:
+            for name in matrices:
+                setattr(lw, name, PersistentWeight(getattr(lw, name)))
+        tied = head is embed
+        embed = PersistentWeight(embed)
+        head = embed if tied else PersistentWeight(head)
     return LlamaModel(c, embed, layers, norm, head, backend=CrypTenBackend(kv_cache=kv_cache))
 
 

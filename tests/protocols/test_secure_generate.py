@@ -60,14 +60,14 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def _party(model_dir: str, prompts: list[list[int]], method: str, params: dict) -> dict:
+def _party(model_dir: str, prompts: list[list[int]], method: str, params: dict, kv_cache: str) -> dict:
     from mpckv.protocols import audit
     from mpckv.protocols.secure_generate import secure_generate
 
     out = {"tokens": [], "reveals": [], "bytes": []}
     for p in prompts:
         with audit.recording() as log:
-            run = secure_generate(model_dir, p, NEW, method, params)
+            run = secure_generate(model_dir, p, NEW, method, params, kv_cache=kv_cache)
         out["rank"] = run.rank
         out["tokens"].append(run.tokens)
         out["reveals"].append([(e.shape, e.dst) for e in log])
@@ -93,18 +93,19 @@ def _plain(model_dir: str, prompts: list[list[int]], method: str, params: dict) 
 
 
 @pytest.mark.parametrize(
-    ("world", "protocol", "method", "params"),
+    ("world", "protocol", "method", "params", "kv_cache"),
     [
-        (2, "beaver", "dense", {}),
-        (3, "replicated", "dense", {}),
-        (2, "beaver", "streamingllm", {"sinks": 2, "budget": 6}),
+        (2, "beaver", "dense", {}, "stock"),
+        (3, "replicated", "dense", {}, "stock"),
+        (2, "beaver", "streamingllm", {"sinks": 2, "budget": 6}, "stock"),
+        (2, "beaver", "streamingllm", {"sinks": 2, "budget": 6}, "persistent"),
     ],
 )
-def test_secure_equals_plaintext(model_dir, world, protocol, method, params):
+def test_secure_equals_plaintext(model_dir, world, protocol, method, params, kv_cache):
     want, margins = _plain(model_dir, PROMPTS, method, params)
     assert min(margins) > 0.02, "test prompts must have clear argmax margins (fixed-point tolerance)"
     results = run_parties(
-        _party, world, protocol=protocol, timeout=300, args=(model_dir, PROMPTS, method, params)
+        _party, world, protocol=protocol, timeout=300, args=(model_dir, PROMPTS, method, params, kv_cache)
     )
     by_rank = {r["rank"]: r for r in results}
     assert by_rank[1]["tokens"] == want
