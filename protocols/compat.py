@@ -41,6 +41,10 @@ Fix 5 — 2-party equality on integer (scale-1) tensors (:func:`_patch_eq_2pc`)
     (comparison bits, ranks, indices) the bit comes back multiplied by ``2**16`` (``eq`` returns 65536
     for true). The patch converts with ``precision=0`` for scale-1 inputs, as ``_ltz`` already does.
 
+Fix 6 — warning noise (:func:`import_crypten`)
+    Every torch function applied to a CrypTensor makes torch warn that ``CrypTensor.__torch_function__``
+    should be a classmethod; the warning is filtered (it is about CrypTen's code, not the caller's).
+
 Fix 4 — bounded collectives (:func:`set_collective_timeout`)
     ``DistributedCommunicator`` calls ``dist.init_process_group`` and ``dist.new_group`` without a
     timeout, so a dead peer blocks the others for torch's default 30 minutes. ``set_collective_timeout``
@@ -56,6 +60,7 @@ import importlib
 import sys
 import threading
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -302,6 +307,9 @@ def import_crypten() -> Any:
             return _CRYPTEN
         _alias_onnx_modules()
         _APPLIED.append("onnx-registry-alias")
+        warnings.filterwarnings(
+            "ignore", message=r"Defining your `__torch_function__` as a plain method", category=UserWarning
+        )
         import crypten
 
         _patch_decode(crypten)

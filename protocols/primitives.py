@@ -17,6 +17,10 @@ round): :func:`secure_topk` over ``n`` padded to ``N = 2**b`` runs a bitonic net
 multiplication and ``K·n`` equality tests (≈ 7 rounds, ≈ 210 B each). :func:`block_minmax` costs
 ``log2 P`` stages (``P`` = block size rounded up to a power of two) and ≈ 1.5 comparisons per key
 element. :func:`linear_block_scores` is one secret matmul (1 round) and no comparison.
+Measured (2PC TFP, party 0, ``cfg.communicator.verbose``): top-k with one-hot output n=16/k=4:
+106 rounds, 0.06 MB; n=64/k=13: 205 rounds, 0.52 MB; n=256/k=51: 340 rounds, 5.0 MB (of which the
+``K·n`` equalities ≈ 2.7 MB). Block bounds n=1024, d=64, size 16: 36 rounds, 42 MB (CrypTen's
+``max`` per block: 58 rounds, 94 MB).
 
 Paper: MPCache (Zeng et al., arXiv 2501.06807) — look-once eviction plus clustered selection with the
 linear proxy ``q·(α·max + (1−α)·min)``; its SPU code uses a top-k plus ``idx→one-hot`` equality tests.
@@ -254,7 +258,7 @@ def topk_onehot_plain(scores: torch.Tensor, k: int, forced: torch.Tensor | None 
 
 # --------------------------------------------------------------------------------------------- gather
 def onehot_gather(onehot: Any, x: Any) -> Any:
-    """Rows of ``x [..., n, d]`` picked by ``onehot [..., k, n]``: the matmul ``onehot @ x`` → ``[..., k, d]``.
+    """Rows of ``x [..., n, d]`` picked by ``onehot [..., k, n]``: ``onehot @ x`` → ``[..., k, d]``.
 
     Secret one-hot bits (scale 1, from :func:`secure_topk`) make the result exact; a fixed-point one-hot
     adds one truncation (±1 step). A public one-hot (torch tensor) is applied locally to the shares,

@@ -7,8 +7,8 @@ each party, runs ``fn(*args)`` and returns the per-rank results. Nothing hangs:
 
 * the first rank that raises makes the parent kill every process and raise an ``AssertionError`` with
   that rank's traceback;
-* at ``timeout`` seconds after launch every process is killed and the error says which ranks were
-  still running;
+* at ``timeout`` seconds after launch every live process prints its Python stacks to stderr
+  (``faulthandler`` on SIGUSR1), then is killed, and the error says which ranks were still running;
 * every process group gets the same timeout (:func:`mpckv.protocols.compat.set_collective_timeout`), so a
   party blocked on a dead peer also fails by itself.
 
@@ -24,10 +24,12 @@ process start-up (importing torch and CrypTen) dominates the cost of small tests
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import multiprocessing as mp
 import os
 import queue as queue_mod
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -98,6 +100,8 @@ def _party_main(
         }
     )
     status, payload = "ok", None
+    with contextlib.suppress(Exception):  # the parent asks for stack dumps before killing at the timeout
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         import torch
 
@@ -130,6 +134,16 @@ def _party_main(
     # slower peer is still reading from. The parent's kill also stops the dealer.
     while True:
         time.sleep(60)
+
+
+def _dump_stacks(procs: Sequence[Any]) -> None:
+    """Ask live parties to print their Python stacks to stderr (faulthandler), for the timeout report."""
+    live = [p for p in procs if p.pid is not None and p.is_alive()]
+    for p in live:
+        with contextlib.suppress(OSError):
+            os.kill(p.pid, signal.SIGUSR1)
+    if live:
+        time.sleep(0.5)
 
 
 def _kill_all(procs: Sequence[Any]) -> None:
@@ -209,6 +223,7 @@ def run_parties(
             left = deadline - time.monotonic()
             if left <= 0:
                 running = [r for r in range(world_size) if r not in out]
+                _dump_stacks(procs)
                 raise PartyFailure(
                     f"run_parties timed out after {timeout:g} s; ranks still running: {running}"
                 )
