@@ -125,12 +125,14 @@ def test_bench_secure_records(byte_model, tmp_path):
         "0.25",
         "--param",
         "streamingllm.sinks=2",
+        "--kv-cache",
+        "stock,persistent",
         "--json",
         str(out),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = json.loads(out.read_text())
-    assert len(recs) == 4
+    assert len(recs) == 8
     for r in recs:
         for key in (
             "method",
@@ -144,7 +146,10 @@ def test_bench_secure_records(byte_model, tmp_path):
             "kv_cache",
         ):
             assert key in r
-    by = {(r["method"], r["length"]): r for r in recs}
+    by = {(r["method"], r["length"]): r for r in recs if r["kv_cache"] == "stock"}
+    pers = {(r["method"], r["length"]): r for r in recs if r["kv_cache"] == "persistent"}
+    # persistent masks never cost more per token than stock re-masking
+    assert pers[("dense", 48)]["bytes_per_token"] < by[("dense", 48)]["bytes_per_token"]
     # dense per-token bytes grow with n; streamingllm at 25 % moves fewer bytes than dense at n = 48
     assert by[("dense", 48)]["bytes_per_token"] > by[("dense", 16)]["bytes_per_token"]
     assert by[("streamingllm", 48)]["bytes_per_token"] < by[("dense", 48)]["bytes_per_token"]

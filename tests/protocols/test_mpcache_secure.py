@@ -182,7 +182,8 @@ def check_selection_and_gather_parity() -> None:
     from mpckv.protocols.secure_cache import SecureLayerCache
 
     comm.install()
-    checked = []
+    checked: list[int] = []
+    secret_final: list[bool] = []
 
     @party_settings(max_examples=6)
     @given(
@@ -271,9 +272,11 @@ def check_selection_and_gather_parity() -> None:
                 gi = idx[..., None].expand(1, hk, idx.shape[-1], d)
                 assert torch.equal(_reveal(k_rows), plain.keys().double().gather(2, gi))
                 assert torch.equal(_reveal(v_rows), plain.values().double().gather(2, gi))
+                secret_final.append(ms.is_secret(choice.final.onehot))
             checked.append(step)
 
     prop()
+    print("MPCDEBUG", len(checked), sum(secret_final), len(secret_final))
     assert checked, "no example reached a non-dense selection with clear gaps"
 
 
