@@ -152,15 +152,19 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_s)
         model_dir, trained = _model_dir(tmp)
         if trained:
-            prompt = "The pass key is 48213. Remember it. " + "The grass is green. The sky is blue. " * 20
-            prompt += "\nWhat is the pass key? The pass key is"
+            from mpckv.data.synthetic import make_sample
+
+            sample = make_sample("passkey", 1024, seed=7)
+            prompt = sample.context + "\n\n" + sample.question
+            print(f"task: passkey retrieval in 1 KiB of text; expected answer {sample.answer.strip()!r}\n")
         else:
             print("note: the shipped tiny model is not present; using random weights (text will be noise)\n")
             prompt = "mpckv keeps the KV cache small. " * 12
         _plaintext(model_dir, prompt, args.max_new_tokens)
         if args.no_secure:
             return 0
-        return _secure(model_dir, "Private prompt: the pass key is", args.secure_tokens, tmp)
+        secret = "The pass key is 70513. Remember it.\n\nWhat is the pass key? The pass key is"
+        return _secure(model_dir, secret, args.secure_tokens if not trained else 6, tmp)
 
 
 if __name__ == "__main__":
