@@ -202,8 +202,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     command = shlex.join(["mpckv", "report", "--results", *args.results, "--out", args.out])
     if args.fidelity:
         command += " " + shlex.join(["--fidelity", *args.fidelity])
+    if args.bench:
+        command += " " + shlex.join(["--bench", *args.bench])
     try:
-        out = write_report(args.results, args.out, command=command, fidelity=args.fidelity)
+        out = write_report(args.results, args.out, command=command, fidelity=args.fidelity, bench=args.bench)
     except OSError as exc:
         raise UsageError(f"cannot write the report {args.out}: {exc}") from exc
     print(f"wrote {out}", file=sys.stderr)
@@ -218,5 +220,8 @@ def _add_report(sub: Any) -> None:
     p.add_argument("--out", default="docs/RESULTS.md", metavar="FILE", help="default: docs/RESULTS.md")
     p.add_argument(
         "--fidelity", nargs="*", default=[], metavar="FILE", help="JSON files of mpckv fidelity --out"
+    )
+    p.add_argument(
+        "--bench", nargs="*", default=[], metavar="FILE", help="JSON files of mpckv bench secure --json"
     )
     p.set_defaults(handler=cmd_report)

@@ -112,16 +112,28 @@ def fidelity_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BENCH_LEGEND = (
+    "`stock` = CrypTen's Beaver products (K, V and weights re-masked every step); `persistent` = "
+    "persistent masks on the KV cache and the weights (each opened once, then O(d + n) per step). "
+    "`decode` rows: a secret cache of n entries from a plaintext prefill of a public random prompt "
+    "(cost does not depend on values); `prefill` rows: a real secure prefill of n tokens (one-time). LAN = "
+    "1 Gbps / 0.5 ms RTT, WAN = 100 Mbps / 40 ms RTT, modelled as wall + rounds·RTT + bytes/bandwidth; "
+    "wall seconds were measured on a shared 2-core machine."
+)
+
+
 def write_report(
     dirs: Sequence[str | Path],
     out: str | Path,
     command: str = "",
     fidelity: Sequence[str | Path] = (),
+    bench: Sequence[str | Path] = (),
 ) -> Path:
     """Write the results page (``docs/RESULTS.md``) from eval output directories.
 
     Plots ``DIR/plot_<suite>.png`` are copied to ``<out dir>/img/<DIR name>_<suite>.png`` and linked.
-    ``fidelity`` lists JSON files written by ``mpckv fidelity --out``.
+    ``fidelity`` lists JSON files written by ``mpckv fidelity --out``; ``bench`` JSON files written by
+    ``mpckv bench secure --json`` (one table each, ratios against stock dense of the same run).
     """
     from mpckv.evals.runner import META, load_results
     from mpckv.registry import list_methods
@@ -180,6 +192,16 @@ def write_report(
     if fid:
         parts.append("## Fidelity against dense\n")
         parts.append(fidelity_table(fid))
+    for f in map(Path, bench):
+        from mpckv.protocols.bench_secure import format_table
+
+        recs = common.read_json(f)
+        if not isinstance(recs, list) or not recs:
+            raise ConfigError(f"{f} holds no benchmark records (write it with `mpckv bench secure --json`)")
+        first = recs[0]
+        parts.append(f"## Secure decoding cost ({first.get('parties')} parties, {first.get('protocol')})\n")
+        parts.append(f"From `{f}`: per generated token, system totals over parties. {BENCH_LEGEND}\n")
+        parts.append(format_table(recs) + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts), encoding="utf-8")
     return out
