@@ -52,6 +52,7 @@ Deviations from the official code
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,10 @@ class MPCache(KVMethod):
         groups: the first layer of a group selects, the others reuse its selection.
     share_static:
         Followers also reuse their leader's static kept set.
+    leaky:
+        Under MPC only: **reveal** each layer's static kept set to every party and compact by public
+        index instead of the oblivious one-hot compaction (default ``False``). This leaks which prompt
+        tokens the window attends to; see :mod:`mpckv.protocols.mpcache_secure`.
     """
 
     static_ratio: float = 0.5
@@ -131,6 +136,7 @@ class MPCache(KVMethod):
     dense_layers: tuple[int, ...] = (0, 1)
     share: Any = "pairs"
     share_static: bool = False
+    leaky: bool = False
 
     family = "selection"
     paper = "Zeng et al. (arXiv 2501.06807)"
@@ -148,6 +154,8 @@ class MPCache(KVMethod):
         check_choice(n, "group_reduce", self.group_reduce, GROUP_REDUCES)
         if not isinstance(self.share_static, bool):
             raise ConfigError(f"{n}: share_static must be a bool, got {self.share_static!r}")
+        if not isinstance(self.leaky, bool):
+            raise ConfigError(f"{n}: leaky must be a bool, got {self.leaky!r}")
         sizes = self.cluster_sizes = _int_tuple(n, "cluster_sizes", self.cluster_sizes, low=1)
         if not sizes or any(a % b or a == b for a, b in zip(sizes, sizes[1:], strict=False)):
             raise ConfigError(f"{n}: cluster_sizes must decrease, each dividing the previous: {sizes}")
@@ -200,6 +208,9 @@ class MPCache(KVMethod):
 
     # ------------------------------------------------------------------ static eviction
     def on_prefill(self, ctx: PrefillContext) -> None:
+        if ctx.xp is not None and ctx.xp.secure:  # secret indices: mpckv.protocols.mpcache_secure
+            _secure().on_prefill(self, ctx)
+            return
         if ctx.layer in self.dense_layers:
             return
         cache = ctx.cache
@@ -264,6 +275,9 @@ class MPCache(KVMethod):
         return hierarchical_select(scores, ks, n_valid, self.cluster_sizes)
 
     def select(self, ctx: DecodeContext) -> Selection | None:
+        if ctx.xp is not None and ctx.xp.secure:
+            sel: Selection | None = _secure().select(self, ctx)
+            return sel
         if ctx.layer in self.dense_layers:
             return None
         leader = self.leader_of(ctx.layer, ctx.num_layers)
@@ -280,6 +294,11 @@ class MPCache(KVMethod):
             sel = Selection(index=idx, valid=valid)
         self._slot(ctx, ctx.layer)[_SHARED_SEL] = (ctx.step, ctx.cache.lengths.clone(), sel)
         return sel
+
+
+def _secure() -> Any:
+    """The secure twin, imported only under MPC (plaintext never imports the protocols package)."""
+    return importlib.import_module("mpckv.protocols.mpcache_secure")
 
 
 def _number(method: str, name: str, val: Any, open_low: bool) -> float:
