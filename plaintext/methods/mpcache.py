@@ -140,7 +140,7 @@ class MPCache(KVMethod):
 
     family = "selection"
     paper = "Zeng et al. (arXiv 2501.06807)"
-    secure = "planned"
+    secure = "yes"
     default_budget = 0.1
 
     def __post_init__(self) -> None:

@@ -106,7 +106,7 @@ def prefill_ctx(lengths: list[int], seed: int = 0) -> PrefillContext:
 # ---------------------------------------------------------------------------- configuration
 def test_registered_with_defaults():
     m = get_method("mpcache")
-    assert isinstance(m, MPCache) and (m.family, m.secure) == ("selection", "planned")
+    assert isinstance(m, MPCache) and (m.family, m.secure) == ("selection", "yes")
     assert "2501.06807" in m.paper and str(m.resolved_budget) == "0.1"
     assert (m.static_ratio, m.cluster_sizes, m.level_ratios, m.alpha) == (0.5, (32, 16), (0.5,), 0.6)
     assert m.dense_layers == (0, 1) and m.share_groups(8) == [(2, 3), (4, 5), (6, 7)]

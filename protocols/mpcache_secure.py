@@ -1,0 +1,630 @@
+"""MPCache under MPC: the same :class:`~mpckv.plaintext.methods.mpcache.MPCache` object, secret indices.
+
+:class:`~mpckv.plaintext.methods.mpcache.MPCache` delegates its hooks here when the backend is secure
+(``ctx.xp.secure``); the plaintext method is unchanged and every public size (kept counts, clusters per
+level, budgets) comes from the same helpers (:mod:`mpckv.plaintext.methods.clusters`,
+:meth:`MPCache.level_sizes`), so the secure run reads exactly as many entries as the plaintext one.
+
+What is public, what is secret
+------------------------------
+Public: the prompt length ``n0``, the window ``W``, the kept count, the number of clusters and the number
+picked at every level, the forced entries (sinks, observation window, first and last cluster), and the
+cache length at every step. Secret: K, V, every score, and *which* middle prompt tokens survive static
+eviction and *which* middle clusters each decode step reads.
+
+1. **Static eviction** (prefill, once per layer, :func:`static_choice` + :func:`apply_static`). The window
+   attention mass ``Σ_w softmax(q_w·Kᵀ/√d)`` (causal, :func:`mpckv.protocols.numerics.softmax`) is
+   computed on secret shares; the sinks ``[0, a)`` and the window ``[b, n0)`` are kept by the public rule,
+   and :func:`~mpckv.protocols.primitives.secure_topk` picks ``k_mid = kept − a − W`` of the middle tokens
+   ``[a, b)`` (ties → lower index, like the plaintext). The kept set is then
+
+   * **oblivious (default)**: compacted by a secret one-hot product ``onehot [k_mid, b − a] · K[a:b]``
+     (and V) — ``O(k_mid·(b − a)·d)`` once per layer. The result is the kept rows in ascending original
+     order at public length ``kept``; the *positions* of the middle rows are secret, so the cache's public
+     position metadata holds ``-1`` there (RoPE was applied before caching, attention needs no position;
+     sliding-window models are therefore refused). A persistent-mask cache
+     (:mod:`mpckv.protocols.persistent_cache`) is rebuilt: the gathered rows are appended to a fresh
+     cache, i.e. opened once more under fresh masks.
+   * **leaky** (``MPCache(leaky=True)``): **the kept index set of every layer is revealed to all
+     parties** (one ``get_plain_text`` of ``b − a`` bits per layer) and the cache is compacted by public
+     index, for free. This discloses which prompt tokens the model attends to from its last ``W`` queries
+     — an attention pattern of the private prompt, and through it information about the prompt and the
+     weights. Use it only for measurement or when that pattern is not sensitive.
+
+2. **Cluster boxes** (:func:`tracked_boxes`): per level, channel-wise min/max of the keys of every
+   cluster of the (compacted) cache, by :func:`~mpckv.protocols.primitives.block_minmax` at the first
+   decode step of a layer, then updated incrementally: an appended key either opens a new cluster (free)
+   or widens the last box (one batched comparison of ``2·d`` elements per level). The proxy vector
+   ``r = α·max + (1 − α)·min`` is kept alongside.
+
+3. **Hierarchical selection** (:func:`select_clusters`). Level ``l`` scores every cluster with
+   ``q·rᵀ`` (one secret matmul; the GQA group reduction ``"mean"`` is computed as a *sum* — the same
+   ranking, no truncation — and ``"max"`` by a comparison tree). Cluster 0 and the last (current) cluster
+   are forced at every level and never enter the top-k: :func:`secure_topk` picks the remaining
+   ``k_l − 2`` among the middle clusters ``1 … C_l − 2``. Below the first level only the children of the
+   previous picks are candidates: the child mask is the previous level's selected bits repeated ``r``
+   times (local), and non-candidates get an additive penalty ``−2**20`` applied **locally to the shares**
+   (``u + (child − 1)·2**20``: a secret bit times a public constant, no communication), so the top-k
+   never picks them (the public budget never exceeds the public number of children). This is the
+   "secret child mask" variant; it costs a top-k over ``C_l − 2`` entries instead of ``≈ r·k_{l−1}``,
+   and no multiplication.
+
+4. **Gather** (:func:`gather_clusters`, the :class:`~mpckv.plaintext.methods.base.Selection`'s
+   ``gather``): the forced first and last clusters are sliced publicly; the ``k_mid`` middle clusters are
+   gathered by the secret one-hot over the ``C_L`` finest clusters — :meth:`PersistentLayerCache
+   .gather_onehot` on a persistent-mask cache (``Hk·k_mid·C`` opened), ``onehot · [K̃ | Ṽ]`` (one Beaver
+   matmul, which also re-opens K and V) on the stock cache. The rows come out in ascending token order,
+   all real (middle clusters are full; only the last one can be partial and it is sliced), so the public
+   length is the row count and no keep mask is needed.
+
+5. **Cross-layer sharing**: a follower layer reuses its leader's :class:`Selection` (the secret one-hot
+   inside its ``gather``) and gathers from its own cache: no scores, no top-k, no selection traffic
+   (``comm`` op ``"selection"``); with ``share_static=True`` it also reuses the leader's static choice.
+
+Traffic labels: ``comm.op("static_eviction")`` (window scores, top-k, compaction or reveal),
+``comm.op("selection")`` (boxes, proxy scores, top-k), ``comm.op("gather")`` (the one-hot gather).
+
+Limits: batch size 1 (like every secure cache); budgets must be equal across KV heads (per-head lists
+that differ are refused); no sliding window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mpckv.errors import ConfigError
+from mpckv.plaintext.methods.base import DecodeContext, PrefillContext, Selection
+from mpckv.plaintext.methods.clusters import (
+    num_clusters,
+    static_keep_counts,
+    static_window_sizes,
+)
+from mpckv.protocols import comm
+from mpckv.protocols.compat import import_crypten
+from mpckv.protocols.primitives import (
+    _add_public,
+    _from_share,
+    is_secret,
+    secure_topk,
+    tree_max,
+)
+
+if TYPE_CHECKING:
+    from mpckv.plaintext.methods.mpcache import MPCache
+
+__all__ = [
+    "CHILD_PENALTY",
+    "ClusterChoice",
+    "LevelChoice",
+    "StaticChoice",
+    "apply_static",
+    "cluster_gather",
+    "gather_clusters",
+    "on_prefill",
+    "proxy_vectors",
+    "select",
+    "select_clusters",
+    "static_choice",
+    "static_window_scores",
+    "tracked_boxes",
+]
+
+CHILD_PENALTY = 2.0**20
+"""Subtracted (locally, on the shares) from the proxy score of a cluster that is not a child of a pick."""
+
+_STATIC_KEY = "mpcache_secure_static"
+_BOX_KEY = "mpcache_secure_boxes"
+_SHARED_SEL = "mpcache_shared_selection"  # same slot as the plaintext method (followers read it)
+SECRET_POSITION = -1
+"""Public position metadata of a kept middle prompt token after oblivious compaction (secret position)."""
+
+
+def _crypten() -> Any:
+    return import_crypten()
+
+
+def _precision() -> int:
+    return int(_crypten().cfg.encoder.precision_bits)
+
+
+def _bits_from_public(value: torch.Tensor) -> Any:
+    """Public 0/1 (long) as secret scale-1 bits without communication (party 0 holds them)."""
+    return _from_share(_add_public(torch.zeros_like(value, dtype=torch.long), value.long()), 0)
+
+
+def _is_persistent(cache: Any) -> bool:
+    from mpckv.protocols.persistent_cache import PersistentLayerCache
+
+    return isinstance(cache, PersistentLayerCache)
+
+
+def _check_context(method: MPCache, ctx: PrefillContext | DecodeContext) -> None:
+    if ctx.config.sliding_window is not None:
+        raise ConfigError("mpcache under MPC: sliding-window models are not supported (positions are secret)")
+    if ctx.cache.batch != 1:
+        raise ConfigError("mpcache under MPC serves one prompt at a time (batch size 1)")
+
+
+# ================================================================================== static eviction
+@dataclass
+class StaticChoice:
+    """The static kept set of one layer: public forced ranges plus the secret (or revealed) middle picks.
+
+    The prompt ``[0, n0)`` is kept as ``[0, lo)`` (sinks) + ``k_mid`` picks of ``[lo, hi)`` + ``[hi, n0)``
+    (window). ``onehot [1, Hs, k_mid, hi − lo]`` (secret scale-1 bits, ``Hs`` = 1 in ``"layer"`` mode or
+    ``Hk``) is set in oblivious mode; ``index [1, Hk, kept]`` (public) when the set is public (leaky mode,
+    or nothing to choose).
+    """
+
+    n0: int
+    lo: int
+    hi: int
+    k_mid: int
+    onehot: Any = None
+    index: torch.Tensor | None = None
+
+    @property
+    def kept(self) -> int:
+        return self.lo + self.k_mid + (self.n0 - self.hi)
+
+
+def static_window_scores(method: MPCache, q: Any, cache: Any, n0: int, w: int, scale: float) -> Any:
+    """Secret window attention mass per prompt key: ``[1, 1, n0]`` (``"layer"`` mode) or ``[1, Hk, n0]``.
+
+    ``Σ_w softmax(q_w·Kᵀ·scale)`` over the last ``w`` prompt queries (causal), summed over the query
+    heads (``"layer"``: all heads; ``"head"``: the GQA group with ``group_reduce`` — ``"mean"`` as a
+    sum, the same ranking). The plaintext twin is :func:`mpckv.plaintext.methods.clusters.static_scores`
+    (which averages: it equals this divided by the number of heads summed).
+    """
+    from mpckv.protocols.numerics import softmax
+
+    _, h, _, d = q.shape
+    hk = cache.kv_heads
+    g = h // hk
+    q_win = q[:, :, n0 - w : n0].reshape(1, hk, g, w, d)
+    if _is_persistent(cache):
+        scores = cache.qk(q_win)  # O(w·d) opened: K stays under its persistent mask
+    else:
+        k = cache.keys()
+        scores = q_win.reshape(1, hk, g * w, d).matmul(k.transpose(-1, -2)).reshape(1, hk, g, w, n0)
+    col = torch.arange(n0)
+    keep = col[None, :] <= (n0 - w + torch.arange(w))[:, None]  # [w, n0] causal
+    probs = softmax(scores * scale, dim=-1, keep=keep[None, None, None])
+    mass = probs.sum(-2)  # [1, Hk, G, n0]
+    if method.static_mode == "layer":
+        return mass.sum(2).sum(1, keepdim=True)
+    if method.group_reduce == "max" and g > 1:
+        return tree_max(mass, dim=2)
+    return mass.sum(2)
+
+
+def static_choice(method: MPCache, ctx: PrefillContext) -> StaticChoice | None:
+    """Choose the layer's kept prompt set (secret middle picks); ``None`` when nothing is evicted.
+
+    Sizes follow the plaintext rule (:func:`static_keep_counts`). In leaky mode the picks are revealed
+    here (to every party) and returned as a public index.
+    """
+    cache = ctx.cache
+    n0_t = ctx.prompt_lengths.long()
+    windows = static_window_sizes(n0_t, method.window_frac)
+    keep = static_keep_counts(n0_t, method.static_ratio, method.sinks, windows)
+    if bool((n0_t <= keep).all()):
+        return None
+    if cache.version != 0:
+        raise ConfigError("mpcache static eviction needs the uncompacted prompt cache; put it first")
+    n0, w, kept = int(n0_t[0]), int(windows[0]), int(keep[0])
+    if cache.max_length != n0:
+        raise ConfigError(f"mpcache: the prompt cache holds {cache.max_length} rows, expected {n0}")
+    hi = n0 - w
+    lo = min(method.sinks, hi)
+    k_mid = kept - lo - w
+    choice = StaticChoice(n0=n0, lo=lo, hi=hi, k_mid=k_mid)
+    if k_mid <= 0:  # only the public sinks and window survive
+        choice.k_mid = 0
+        choice.index = _static_index(choice, None, cache.kv_heads)
+        return choice
+    with comm.op("static_eviction"):
+        mass = static_window_scores(method, ctx.q, cache, n0, w, ctx.scale)
+        onehot = secure_topk(mass[..., lo:hi], k_mid)  # [1, Hs, k_mid, hi − lo]
+        if method.leaky:
+            # LEAK (documented): every party learns the kept middle tokens of this layer.
+            picked = onehot.sum(-2).get_plain_text().round().long().bool()  # [1, Hs, hi − lo]
+            choice.index = _static_index(choice, picked, cache.kv_heads)
+        else:
+            choice.onehot = onehot
+    return choice
+
+
+def _static_index(choice: StaticChoice, picked: torch.Tensor | None, hk: int) -> torch.Tensor:
+    """Public kept index ``[1, Hk, kept]`` from revealed middle bits ``[1, Hs, hi − lo]`` (or none)."""
+    rows = []
+    heads = 1 if picked is None else picked.shape[1]
+    for head in range(heads):
+        mid = torch.arange(choice.lo, choice.hi)[picked[0, head]] if picked is not None else torch.arange(0)
+        rows.append(torch.cat([torch.arange(choice.lo), mid, torch.arange(choice.hi, choice.n0)]))
+    index = torch.stack(rows)[None]
+    return index.expand(1, hk, index.shape[-1]).contiguous() if heads == 1 else index
+
+
+def apply_static(cache: Any, choice: StaticChoice) -> None:
+    """Compact the prompt cache to ``choice`` (public index: local; secret one-hot: oblivious gather)."""
+    if choice.index is not None:
+        cache.compact(choice.index)
+        return
+    with comm.op("static_eviction"):
+        crypten = _crypten()
+        hk, d = cache.kv_heads, cache.head_dim
+        lo, hi, n0, k_mid = choice.lo, choice.hi, choice.n0, choice.k_mid
+        onehot = choice.onehot
+        if onehot.shape[1] != hk:
+            onehot = onehot.expand(1, hk, k_mid, hi - lo)
+        keys, values = cache.keys(), cache.values()
+        if _is_persistent(cache):
+            pad_lo = torch.zeros(1, hk, k_mid, lo, dtype=torch.long)
+            pad_hi = torch.zeros(1, hk, k_mid, n0 - hi, dtype=torch.long)
+            full = _from_share(torch.cat([pad_lo, onehot.share, pad_hi], dim=-1), 0)
+            mid_k = cache.matmul(full, ("k", "N", 0))  # opens the one-hot [Hk, k_mid, n0], K stays masked
+            mid_v = cache.matmul(full, ("v", "N", 0))
+        else:
+            both = crypten.cat([keys[:, :, lo:hi], values[:, :, lo:hi]], dim=-1)
+            mid = onehot.matmul(both)  # one Beaver matmul; exact (scale-1 bits)
+            mid_k, mid_v = mid[..., :d], mid[..., d:]
+        new_k = crypten.cat([keys[:, :, :lo], mid_k, keys[:, :, hi:n0]], dim=2)
+        new_v = crypten.cat([values[:, :, :lo], mid_v, values[:, :, hi:n0]], dim=2)
+        pos = torch.cat([torch.arange(lo), torch.full((k_mid,), SECRET_POSITION), torch.arange(hi, n0)])[None]
+        _replace_rows(cache, new_k, new_v, pos)
+
+
+def _replace_rows(cache: Any, k: Any, v: Any, pos: torch.Tensor) -> None:
+    """Replace every row of ``cache`` by the secret ``k, v [1, Hk, T, d]`` (public positions ``[1, T]``)."""
+    version = cache.version
+    if _is_persistent(cache):
+        from mpckv.protocols.persistent_cache import PersistentLayerCache
+
+        fresh = PersistentLayerCache(cache.batch, cache.kv_heads, cache.head_dim)
+        fresh.append(k, v, pos)  # the kept rows are opened once more, under fresh masks
+        stamp = cache._stamp
+        cache.close()
+        cache.__dict__.update(fresh.__dict__)
+        cache._stamp = stamp + 1 + fresh._stamp  # invalidates views materialised before
+    else:
+        cache.k = cache.v = None
+        cache.pos = torch.zeros(cache.batch, cache.kv_heads, 0, dtype=torch.long)
+        cache.lengths = torch.zeros(cache.batch, cache.kv_heads, dtype=torch.long)
+        cache.append(k, v, pos)
+    cache.version = version + 1
+
+
+def on_prefill(method: MPCache, ctx: PrefillContext) -> None:
+    """Secure twin of :meth:`MPCache.on_prefill` (static eviction, optionally shared with the leader)."""
+    _check_context(method, ctx)
+    if ctx.layer in method.dense_layers:
+        return
+    cache = ctx.cache
+    leader = method.leader_of(ctx.layer, ctx.num_layers) if method.share_static else None
+    if leader is not None:
+        shared = method._slot(ctx, leader).get(_STATIC_KEY)
+        if shared is not None:
+            apply_static(cache, shared)
+        ctx.state["mpcache_static_kept"] = cache.lengths.clone()
+        return
+    choice = static_choice(method, ctx)
+    if choice is not None:
+        apply_static(cache, choice)
+    method._slot(ctx, ctx.layer)[_STATIC_KEY] = choice
+    ctx.state["mpcache_static_kept"] = cache.lengths.clone()
+
+
+# ======================================================================================== boxes
+def proxy_vectors(kmin: Any, kmax: Any, alpha: float) -> Any:
+    """``r = α·kmax + (1 − α)·kmin`` (secret; two public-scalar truncations unless α is 0 or 1)."""
+    if alpha == 1.0:
+        return kmax
+    if alpha == 0.0:
+        return kmin
+    return kmax * alpha + kmin * (1.0 - alpha)
+
+
+def tracked_boxes(
+    state: dict[str, Any], cache: Any, sizes: tuple[int, ...], alpha: float
+) -> list[tuple[Any, Any, Any]]:
+    """Secret ``(min, max, r)`` ``[1, Hk, C_l, d]`` per level, maintained in ``state``.
+
+    Rebuilt with :func:`block_minmax` on the first call, after a compaction or when the cache grew by more
+    than one row; otherwise the appended key opens a new cluster (no work) or widens the last box of each
+    level (one batched comparison over ``2·d`` elements per level).
+    """
+    from mpckv.protocols.primitives import block_minmax
+
+    crypten = _crypten()
+    n = cache.max_length
+    st = state.get(_BOX_KEY)
+    keys = cache.keys()
+    if st is None or st["version"] != cache.version or st["n"] + 1 != n:
+        boxes = []
+        for s in sizes:
+            mn, mx = block_minmax(keys, s)
+            boxes.append((mn, mx, proxy_vectors(mn, mx, alpha)))
+    else:
+        k_new = keys[:, :, n - 1 : n]  # [1, Hk, 1, d]
+        boxes = list(st["boxes"])
+        grow = [lvl for lvl, s in enumerate(sizes) if (n - 1) % s != 0]
+        for lvl, s in enumerate(sizes):
+            if (n - 1) % s == 0:  # the new key opens a cluster: its box is the key itself
+                mn, mx, r = boxes[lvl]
+                boxes[lvl] = tuple(crypten.cat([t, k_new], dim=2) for t in (mn, mx, r))
+        if grow:
+            lo = crypten.stack([boxes[lvl][0][:, :, -1:] for lvl in grow])  # [g, 1, Hk, 1, d]
+            hi = crypten.stack([boxes[lvl][1][:, :, -1:] for lvl in grow])
+            kk = k_new.unsqueeze(0).expand(*lo.size())
+            bounds = crypten.stack([lo, hi])
+            out = crypten.stack([kk - lo, hi - kk]).lt(0)  # k < min, max < k
+            new = bounds + out * (kk.unsqueeze(0).expand(*bounds.size()) - bounds)
+            for j, lvl in enumerate(grow):
+                mn, mx, r = boxes[lvl]
+                nmn, nmx = new[0, j], new[1, j]
+                boxes[lvl] = (
+                    crypten.cat([mn[:, :, :-1], nmn], dim=2),
+                    crypten.cat([mx[:, :, :-1], nmx], dim=2),
+                    crypten.cat([r[:, :, :-1], proxy_vectors(nmn, nmx, alpha)], dim=2),
+                )
+    state[_BOX_KEY] = {"version": cache.version, "n": n, "boxes": boxes}
+    return boxes
+
+
+# ==================================================================================== selection
+@dataclass
+class LevelChoice:
+    """One level's picks: clusters 0 and ``clusters − 1`` (forced) plus ``k_mid`` middle ones.
+
+    ``onehot [1, Hk, k_mid, clusters − 2]`` over the middle clusters (secret scale-1 bits, a public long
+    tensor when the picks are public, ``None`` when ``k_mid == 0``); ``bits [1, Hk, clusters]`` the
+    selected clusters (secret bits, or a public long tensor).
+    """
+
+    size: int
+    clusters: int
+    k_mid: int
+    onehot: Any
+    bits: Any
+
+    @property
+    def picked(self) -> int:
+        return self.k_mid + min(self.clusters, 2)
+
+
+@dataclass
+class ClusterChoice:
+    """A decode step's selection: the finest level's choice and the cache length it was made for."""
+
+    levels: list[LevelChoice]
+    length: int
+
+    @property
+    def final(self) -> LevelChoice:
+        return self.levels[-1]
+
+    @property
+    def rows(self) -> int:
+        """Public number of gathered rows (tokens read)."""
+        f = self.final
+        s, c, n = f.size, f.clusters, self.length
+        return min(s, n) + f.k_mid * s + (n - (c - 1) * s if c >= 2 else 0)
+
+
+def _public_int(t: torch.Tensor, what: str) -> int:
+    vals = t.flatten().unique()
+    if vals.numel() != 1:
+        raise ConfigError(f"mpcache under MPC needs the same {what} in every KV head, got {vals.tolist()}")
+    return int(vals[0])
+
+
+def _penalise(u: Any, cand: Any) -> Any:
+    """``u`` where ``cand`` (secret bits or public 0/1), ``u − CHILD_PENALTY`` elsewhere — local."""
+    p = int(CHILD_PENALTY * 2 ** _precision())
+    out = u.clone()
+    if is_secret(cand):
+        out.share = u.share + cand.share * p
+        out.share = _add_public(out.share, torch.full_like(u.share, -p))
+    else:
+        out.share = _add_public(u.share, (cand.long() - 1) * p)
+    return out
+
+
+def _level_bits(c: int, mid_bits: Any, hk: int) -> Any:
+    """Selected clusters ``[1, Hk, c]``: forced 0 and ``c − 1`` plus the middle bits (secret or public)."""
+    edge = torch.ones(1, hk, 1, dtype=torch.long)
+    if c <= 2:
+        return torch.ones(1, hk, c, dtype=torch.long)
+    if not is_secret(mid_bits):
+        return torch.cat([edge, mid_bits.long(), edge], dim=-1)
+    share = torch.cat(
+        [
+            _add_public(torch.zeros_like(edge), edge),
+            mid_bits.share,
+            _add_public(torch.zeros_like(edge), edge),
+        ],
+        dim=-1,
+    )
+    return _from_share(share, 0)
+
+
+def _public_mid(cand: torch.Tensor | None, hk: int, c: int) -> torch.Tensor:
+    """Public candidate mask of the middle clusters ``[1, Hk, c − 2]`` (``None`` = every cluster)."""
+    if cand is None:
+        return torch.ones(1, hk, max(c - 2, 0), dtype=torch.long)
+    return cand[..., 1 : c - 1].long()
+
+
+def _public_onehot(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """Public one-hot ``[1, Hk, k, n]`` of the set bits of every row of ``bits [1, Hk, n]`` (ascending)."""
+    hk, n = bits.shape[1], bits.shape[2]
+    out = torch.zeros(1, hk, k, n, dtype=torch.long)
+    for h in range(hk):
+        idx = bits[0, h].nonzero().flatten()
+        out[0, h, torch.arange(idx.numel()), idx] = 1
+    return out
+
+
+def _children(bits: Any, branch: int, c_next: int) -> Any:
+    """Child mask ``[1, Hk, c_next]`` of selected parents (local, secret or public)."""
+    if not is_secret(bits):
+        return bits.repeat_interleave(branch, dim=-1)[..., :c_next]
+    return _from_share(bits.share.repeat_interleave(branch, dim=-1)[..., :c_next].contiguous(), 0)
+
+
+def select_clusters(method: MPCache, ctx: DecodeContext) -> ClusterChoice | None:
+    """Secure twin of :meth:`MPCache.select_clusters`: the secret picks per level, or ``None`` (dense)."""
+    cache = ctx.cache
+    lengths = cache.lengths
+    sizes = method.cluster_sizes
+    ks = method.level_sizes(lengths, ctx.layer)
+    n_valid = [num_clusters(lengths, s) for s in sizes]
+    if bool((ks[-1] >= n_valid[-1]).all()):
+        return None
+    n = cache.max_length
+    hk = cache.kv_heads
+    with comm.op("selection"):
+        boxes = tracked_boxes(ctx.state, cache, sizes, method.alpha)
+        q = ctx.q
+        g = q.shape[1] // hk
+        qg = q.reshape(1, hk, g, q.shape[-1])
+        levels: list[LevelChoice] = []
+        cand: Any = None  # candidate clusters of this level: None = all, else public / secret 0/1
+        n_cand = 0
+        for lvl, s in enumerate(sizes):
+            c = _public_int(n_valid[lvl], "cluster count")
+            k = _public_int(ks[lvl], "budget")
+            if lvl == 0:
+                n_cand = c
+            else:
+                prev = levels[-1]
+                branch = sizes[lvl - 1] // s
+                c_last = c - (prev.clusters - 1) * branch
+                n_cand = (prev.picked - 1) * branch + c_last
+            nf = min(c, 2)
+            kk = min(max(k, nf), n_cand)
+            k_mid, n_mid = kk - nf, c - nf
+            mid_bits: Any
+            public = None if is_secret(cand) else _public_mid(cand, hk, c)
+            if k_mid == 0:
+                onehot, mid_bits = None, torch.zeros(1, hk, max(n_mid, 0), dtype=torch.long)
+            elif public is not None and bool((public.sum(-1) <= k_mid).all()):
+                mid_bits = public  # every candidate is picked: a public choice
+                onehot = _public_onehot(public, k_mid)
+            else:
+                u = qg.matmul(boxes[lvl][2].transpose(-1, -2))  # [1, Hk, G, C]
+                if g > 1:
+                    u = tree_max(u, dim=2) if method.group_reduce == "max" else u.sum(2)
+                else:
+                    u = u.squeeze(2)
+                u = u[..., 1 : c - 1]
+                if cand is not None:
+                    cmid = cand[..., 1 : c - 1]
+                    u = _penalise(u, cmid)
+                onehot = secure_topk(u, k_mid)  # [1, Hk, k_mid, n_mid]
+                mid_bits = onehot.sum(-2)
+            bits = _level_bits(c, mid_bits, hk)
+            levels.append(LevelChoice(size=s, clusters=c, k_mid=k_mid, onehot=onehot, bits=bits))
+            if lvl + 1 < len(sizes):
+                cand = _children(bits, s // sizes[lvl + 1], _public_int(n_valid[lvl + 1], "cluster count"))
+        return ClusterChoice(levels=levels, length=n)
+
+
+# ======================================================================================== gather
+def cluster_gather(cache: Any, onehot: Any, size: int, first: int, count: int) -> tuple[Any, Any]:
+    """Rows of the clusters ``first … first + count − 1`` (all full) picked by ``onehot [1, Hk, k, count]``.
+
+    Returns secret ``K, V [1, Hk, k·size, d]`` (exact). Public one-hot: local. Secret: the persistent
+    cache's :meth:`gather_onehot` (opens ``Hk·k·C``) or one Beaver matmul ``onehot · [K̃ | Ṽ]`` (opens the
+    one-hot and ``count·size·2d`` cache elements).
+    """
+    crypten = _crypten()
+    hk, d = cache.kv_heads, cache.head_dim
+    k = onehot.shape[2]
+    keys, values = cache.keys(), cache.values()
+    lo, hi = first * size, (first + count) * size
+    if not is_secret(onehot) or not _is_persistent(cache):
+        kt = keys[:, :, lo:hi].reshape(1, hk, count, size * d)
+        vt = values[:, :, lo:hi].reshape(1, hk, count, size * d)
+        both = crypten.cat([kt, vt], dim=-1)  # [1, Hk, count, 2·s·d]
+        if is_secret(onehot):
+            rows = onehot.matmul(both)
+        else:
+            rows = both.clone()
+            rows.share = onehot.long().matmul(both.share)
+        rows = rows.reshape(1, hk, k, 2, size, d)
+        return rows[:, :, :, 0].reshape(1, hk, k * size, d), rows[:, :, :, 1].reshape(1, hk, k * size, d)
+    c = -(-cache.max_length // size)
+    pad_lo = torch.zeros(1, hk, k, first, dtype=torch.long)
+    pad_hi = torch.zeros(1, hk, k, c - first - count, dtype=torch.long)
+    full = _from_share(torch.cat([pad_lo, onehot.share, pad_hi], dim=-1), 0)
+    return cache.gather_onehot(full, size, "keys"), cache.gather_onehot(full, size, "values")
+
+
+def gather_clusters(cache: Any, choice: ClusterChoice) -> tuple[Any, Any, torch.Tensor, None]:
+    """The :class:`Selection` ``gather``: rows of the picked finest clusters in ascending token order.
+
+    Cluster 0 and the last cluster are sliced publicly, the middle picks gathered by the secret one-hot.
+    Returns ``(K, V [1, Hk, R, d], lengths [1, Hk] = R, None)``; ``R`` is public.
+    """
+    crypten = _crypten()
+    f = choice.final
+    n, s, c = cache.max_length, f.size, f.clusters
+    if n != choice.length:
+        raise ConfigError(f"mpcache: selection made for {choice.length} rows applied to a cache of {n}")
+    with comm.op("gather"):
+        keys, values = cache.keys(), cache.values()
+        ks, vs = [keys[:, :, : min(s, n)]], [values[:, :, : min(s, n)]]
+        if f.k_mid > 0:
+            mk, mv = cluster_gather(cache, f.onehot, s, 1, c - 2)
+            ks.append(mk)
+            vs.append(mv)
+        if c >= 2:
+            ks.append(keys[:, :, (c - 1) * s : n])
+            vs.append(values[:, :, (c - 1) * s : n])
+        k_rows = ks[0] if len(ks) == 1 else crypten.cat(ks, dim=2)
+        v_rows = vs[0] if len(vs) == 1 else crypten.cat(vs, dim=2)
+    lengths = torch.full((1, cache.kv_heads), choice.rows, dtype=torch.long)
+    return k_rows, v_rows, lengths, None
+
+
+def _make_gather(choice: ClusterChoice) -> Callable[[Any], tuple[Any, Any, torch.Tensor, None]]:
+    def gather(cache: Any) -> tuple[Any, Any, torch.Tensor, None]:
+        return gather_clusters(cache, choice)
+
+    return gather
+
+
+def select(method: MPCache, ctx: DecodeContext) -> Selection | None:
+    """Secure twin of :meth:`MPCache.select`: a :class:`Selection` whose ``gather`` is oblivious.
+
+    ``index``/``valid`` only carry the public size (``R`` columns, all valid, index 0); the picked
+    clusters stay secret (``ctx.state["mpcache_levels"]`` holds the :class:`ClusterChoice`). A follower
+    layer returns its leader's selection unchanged (no selection traffic).
+    """
+    _check_context(method, ctx)
+    if ctx.layer in method.dense_layers:
+        return None
+    leader = method.leader_of(ctx.layer, ctx.num_layers)
+    if leader is not None:
+        entry = method._slot(ctx, leader).get(_SHARED_SEL)
+        if entry is None or entry[0] != ctx.step or not torch.equal(entry[1], ctx.cache.lengths):
+            raise ConfigError(f"mpcache: layer {ctx.layer} has no matching selection of layer {leader}")
+        return entry[2]
+    choice = select_clusters(method, ctx)
+    ctx.state["mpcache_levels"] = choice
+    sel = None
+    if choice is not None:
+        rows = choice.rows
+        sel = Selection(
+            index=torch.zeros(1, ctx.cache.kv_heads, rows, dtype=torch.long),
+            valid=torch.ones(1, ctx.cache.kv_heads, rows, dtype=torch.bool),
+            gather=_make_gather(choice),
+        )
+    method._slot(ctx, ctx.layer)[_SHARED_SEL] = (ctx.step, ctx.cache.lengths.clone(), sel)
+    return sel
