@@ -44,24 +44,34 @@ def _rank() -> int:
     return int(import_crypten().communicator.get().get_rank())
 
 
-def _shared_session(engine: Any, plain_model: Any, config: Any, n: int, seed: int) -> Any:
-    """A secure Session holding a secret KV cache of ``n`` entries (plaintext prefill on party 0)."""
+def _shared_session(
+    engine: Any, plain_model: Any, config: Any, n: int, seed: int, plain_method: Any = "dense"
+) -> Any:
+    """A secure Session holding a secret KV cache built from a plaintext prefill of ``n`` tokens on party 0.
+
+    ``plain_method`` runs in that plaintext prefill: methods whose one-time prompt compression is
+    infeasible under MPC at long ``n`` (MPCache's static eviction) compress there, and the secure method
+    then decodes over the compacted cache (sizes are public, so they are the same as a secure prefill's).
+    """
     from mpckv.plaintext.engine import Engine, Session
 
     crypten = import_crypten()
+    comm_ = crypten.communicator.get()
     c = config
     ids = torch.randint(0, c.vocab_size, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-    plain = Engine(plain_model, "dense").prefill([ids]) if plain_model is not None else None
+    plain = Engine(plain_model, plain_method).prefill([ids]) if plain_model is not None else None
+    lens = [int(plain.cache[i].lengths.max()) for i in range(c.num_hidden_layers)] if plain else None
+    lens = comm_.broadcast_obj(lens, 0)  # public sizes
     cache = engine.model.xp.new_cache(
         c.num_hidden_layers, 1, c.num_key_value_heads, c.head_dim, torch.float32, torch.device("cpu")
     )
-    shape = (1, c.num_key_value_heads, n, c.head_dim)
     with comm.paused():  # setup, not part of a decode step
         for layer in range(c.num_hidden_layers):
+            shape = (1, c.num_key_value_heads, lens[layer], c.head_dim)
             k = plain.cache[layer].keys().float() if plain is not None else torch.zeros(shape)
             v = plain.cache[layer].values().float() if plain is not None else torch.zeros(shape)
             cache[layer].append(
-                crypten.cryptensor(k, src=0), crypten.cryptensor(v, src=0), torch.arange(n)[None]
+                crypten.cryptensor(k, src=0), crypten.cryptensor(v, src=0), torch.arange(lens[layer])[None]
             )
             # the method sees the cache as a prefill would leave it
         lengths = torch.tensor([n])
@@ -139,21 +149,29 @@ def party_main(argv: list[str]) -> int:
     protocol = str(crypten.cfg.mpc.protocol)
     plain = load_model(spec["model"]) if rank == 0 else None
     config = broadcast_config(plain.config if plain is not None else None)
-    with comm.paused():
-        shared = share_model(plain, config)
     records: list[dict[str, Any]] = []
     steps = int(spec["steps"])
     for kv_cache in spec.get("kv_caches", ["stock"]):
-        shared.xp.kv_cache = kv_cache
+        with comm.paused():  # weights (and, when persistent, their masks) are set-up, not per token
+            shared = share_model(plain, config, kv_cache=kv_cache)
         for method in spec["methods"]:
             params = dict(spec["params"].get(method, {}))
             if method != "dense" and "budget" not in params:
                 params["budget"] = spec["budget"]
-            engine = Engine(shared, method, **params)
+            plain_method: Any = "dense"
+            secure_params = params
+            if method == "mpcache":  # static eviction runs in the plaintext set-up (see _shared_session)
+                from mpckv.registry import get_method
+
+                plain_method = get_method(method, **params)
+                secure_params = {**params, "static_ratio": 1.0}
+            engine = Engine(shared, method, **secure_params)
             for n in spec["lengths"]:
-                session = _shared_session(engine, plain, config, n, seed=n)
+                session = _shared_session(engine, plain, config, n, seed=n, plain_method=plain_method)
                 onehot = torch.nn.functional.one_hot(torch.tensor([1]), config.vocab_size).float()
                 feed = crypten.cryptensor(onehot)
+                with comm.paused():  # warm-up step: builds per-run structures (e.g. cluster boxes) once
+                    engine.decode(session, feed)
                 comm.reset()
                 t0 = time.perf_counter()
                 for _ in range(steps):
