@@ -11,6 +11,8 @@ masked. Appends grow the capacity geometrically (amortised O(1)).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from mpckv.errors import ShapeError
@@ -151,20 +153,20 @@ class LayerCache:
 
 
 class KVCache:
-    """All layers' caches for one batch of sequences."""
+    """All layers' caches for one batch of sequences.
 
-    def __init__(
-        self,
-        num_layers: int,
-        batch: int,
-        kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ):
-        self.layers = [LayerCache(batch, kv_heads, head_dim, dtype, device) for _ in range(num_layers)]
+    Subclasses for other storage (the secure caches in :mod:`mpckv.protocols`) only replace
+    :meth:`new_layer`; everything else (indexing, sizes) is shared.
+    """
 
-    def __getitem__(self, layer: int) -> LayerCache:
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, *args: Any):
+        self.layers = [self.new_layer(batch, kv_heads, head_dim, *args) for _ in range(num_layers)]
+
+    def new_layer(self, batch: int, kv_heads: int, head_dim: int, *args: Any) -> Any:
+        dtype, device = args
+        return LayerCache(batch, kv_heads, head_dim, dtype, device)
+
+    def __getitem__(self, layer: int) -> Any:
         return self.layers[layer]
 
     def __len__(self) -> int:

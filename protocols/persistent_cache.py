@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from mpckv.errors import ConfigError, ShapeError
+from mpckv.plaintext.kv_cache import KVCache
 from mpckv.protocols import comm
 from mpckv.protocols.compat import import_crypten
 from mpckv.protocols.masked_matmul import Spec, layout, mask_source, masked_product, open_masked
@@ -255,26 +256,11 @@ class PersistentLayerCache:
         return self._materialise("v")
 
 
-class PersistentKVCache:
+class PersistentKVCache(KVCache):
     """All layers' persistent-mask caches."""
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int):
-        self.layers = [PersistentLayerCache(batch, kv_heads, head_dim) for _ in range(num_layers)]
-
-    def __getitem__(self, layer: int) -> PersistentLayerCache:
-        return self.layers[layer]
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.layers)
-
-    def live_bytes(self) -> int:
-        return sum(c.live_bytes() for c in self.layers)
-
-    def mean_lengths(self) -> list[float]:
-        return [float(c.lengths.float().mean()) for c in self.layers]
+    def new_layer(self, batch: int, kv_heads: int, head_dim: int, *args: Any) -> PersistentLayerCache:
+        return PersistentLayerCache(batch, kv_heads, head_dim)
 
     def close(self) -> None:
         for c in self.layers:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from mpckv.errors import ConfigError, ShapeError
+from mpckv.plaintext.kv_cache import KVCache
 
 
 class SecureLayerCache:
@@ -106,23 +107,8 @@ class SecureLayerCache:
         self.version += 1
 
 
-class SecureKVCache:
+class SecureKVCache(KVCache):
     """All layers' secure caches."""
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int):
-        self.layers = [SecureLayerCache(batch, kv_heads, head_dim) for _ in range(num_layers)]
-
-    def __getitem__(self, layer: int) -> SecureLayerCache:
-        return self.layers[layer]
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def nbytes(self) -> int:
-        return sum(c.nbytes() for c in self.layers)
-
-    def live_bytes(self) -> int:
-        return sum(c.live_bytes() for c in self.layers)
-
-    def mean_lengths(self) -> list[float]:
-        return [float(c.lengths.float().mean()) for c in self.layers]
+    def new_layer(self, batch: int, kv_heads: int, head_dim: int, *args: Any) -> SecureLayerCache:
+        return SecureLayerCache(batch, kv_heads, head_dim)
