@@ -134,13 +134,12 @@ class CrypTenBackend:
     def prefill_attention(
         self, q: Any, k: Any, v: Any, lengths: torch.Tensor, scale: float, sliding_window: int | None
     ) -> Any:
+        from mpckv.plaintext.attention import prefill_mask
+
         b, h, t, d = q.shape
         hk = k.shape[1]
-        i = torch.arange(t)
-        keep = i[None, :] <= i[:, None]
-        if sliding_window is not None:
-            keep = keep & (i[:, None] - i[None, :] < sliding_window)
-        out, _ = self._attend(q.reshape(b, hk, h // hk, t, d), k, v, keep[None, None, None], scale)
+        keep = prefill_mask(t, lengths, sliding_window)[:, :, None]  # [B, 1, 1, T, T]
+        out, _ = self._attend(q.reshape(b, hk, h // hk, t, d), k, v, keep, scale)
         return out.reshape(b, h, t, d)
 
     def cache_attention(

@@ -43,6 +43,7 @@ from mpckv.plaintext.kv_cache import KVCache
 from mpckv.protocols import comm
 from mpckv.protocols.compat import import_crypten
 from mpckv.protocols.masked_matmul import Spec, layout, mask_source, masked_product, open_masked
+from mpckv.protocols.secure_cache import SecureLayerCache
 
 __all__ = ["PersistentKVCache", "PersistentLayerCache", "PersistentRef", "persistent_source"]
 
@@ -67,13 +68,17 @@ def persistent_source(x: Any) -> PersistentRef | None:
     return None
 
 
-class PersistentLayerCache:
-    """One layer's K/V as public masked rows ``E`` plus secret-shared masks ``B``."""
+class PersistentLayerCache(SecureLayerCache):
+    """One layer's K/V as public masked rows ``E`` plus secret-shared masks ``B``.
+
+    Public bookkeeping (lengths, positions, sizes) is the stock secure cache's; storage and products differ.
+    """
+
+    pos: torch.Tensor
+    lengths: torch.Tensor
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int):
-        if batch != 1:
-            raise ConfigError("secure generation serves one prompt at a time (batch size 1)")
-        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        super().__init__(batch, kv_heads, head_dim)
         self.key = next(_KEYS)
         self.masks = mask_source(self.key)
         self.rank = int(import_crypten().communicator.get().get_rank())
@@ -82,44 +87,15 @@ class PersistentLayerCache:
         self.bk: torch.Tensor | None = None  # this party's share of B_k
         self.bv: torch.Tensor | None = None  # this party's share of B_v
         self.scale: int | None = None
-        self.pos = torch.zeros(batch, kv_heads, 0, dtype=torch.long)
-        self.lengths = torch.zeros(batch, kv_heads, dtype=torch.long)
-        self.meta: dict[str, Any] = {}
-        self.version = 0
-        self.device = torch.device("cpu")
         self._stamp = 0  # bumped by every append / compact (invalidates materialised views)
 
     # ------------------------------------------------------------------ sizes (public)
-    @property
-    def max_length(self) -> int:
-        return int(self.lengths.max()) if self.lengths.numel() else 0
-
-    @property
-    def element_bytes(self) -> int:
-        return 8
-
-    @property
-    def capacity(self) -> int:
-        return self.max_length
-
-    def positions(self) -> torch.Tensor:
-        return self.pos
-
-    def valid(self) -> torch.Tensor:
-        return torch.ones(self.batch, self.kv_heads, self.max_length, dtype=torch.bool)
-
     def live_bytes(self) -> int:
         """This party's storage: public ``E_k, E_v`` plus its shares of ``B_k, B_v`` (int64)."""
         return 0 if self.ek is None else 4 * self.ek.numel() * 8
 
     def nbytes(self) -> int:
         return self.live_bytes() + self.pos.numel() * 8
-
-    def add_meta(self, name: str, dtype: torch.dtype = torch.float32, fill: float = 0.0) -> Any:
-        raise ConfigError(
-            "this method keeps per-entry scores, which the secure cache does not support yet; "
-            "see the README's method table for what runs under MPC"
-        )
 
     # ------------------------------------------------------------------ updates
     def append(
@@ -151,17 +127,10 @@ class PersistentLayerCache:
 
     def compact(self, index: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Keep the rows at the public ``index [1, Hk, K]``: local slicing of E and B shares."""
-        if not isinstance(index, torch.Tensor):
-            raise ConfigError("secure compaction needs a public index (a secret selection is not supported)")
-        if valid is not None and not bool(valid.all()):
-            counts = valid.sum(-1)
-            if bool((counts != counts.flatten()[0]).any()):
-                raise ConfigError("secure compaction needs the same kept count in every row")
-            index = index[..., : int(counts.flatten()[0])]
+        index = self.public_index(index, valid)
         if self.ek is None or self.ev is None or self.bk is None or self.bv is None:
             raise ShapeError("compaction of an empty cache")
         b, hk, kk = index.shape
-        index = index.long()
         gidx = index[..., None].expand(b, hk, kk, self.head_dim)
         self.ek, self.ev = self.ek.gather(2, gidx), self.ev.gather(2, gidx)
         self.bk, self.bv = self.bk.gather(2, gidx), self.bv.gather(2, gidx)

@@ -20,6 +20,9 @@ from mpckv.plaintext.kv_cache import KVCache
 class SecureLayerCache:
     """One layer's secret K/V with public lengths and positions."""
 
+    pos: torch.Tensor
+    lengths: torch.Tensor
+
     def __init__(self, batch: int, kv_heads: int, head_dim: int):
         if batch != 1:
             raise ConfigError("secure generation serves one prompt at a time (batch size 1)")
@@ -89,8 +92,9 @@ class SecureLayerCache:
         self.pos = torch.cat([self.pos, pos_new.long()[:, None, :].expand(b, hk, t)], dim=2)
         self.lengths = self.lengths + t
 
-    def compact(self, index: torch.Tensor, valid: torch.Tensor | None = None) -> None:
-        """Keep the entries at the public ``index [1, Hk, K]`` (all rows must keep the same count)."""
+    @staticmethod
+    def public_index(index: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Check a compaction index is public and rectangular; drop padding columns."""
         if not isinstance(index, torch.Tensor):
             raise ConfigError("secure compaction needs a public index (a secret selection is not supported)")
         if valid is not None and not bool(valid.all()):
@@ -98,6 +102,11 @@ class SecureLayerCache:
             if bool((counts != counts.flatten()[0]).any()):
                 raise ConfigError("secure compaction needs the same kept count in every row")
             index = index[..., : int(counts.flatten()[0])]
+        return index.long()
+
+    def compact(self, index: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Keep the entries at the public ``index [1, Hk, K]`` (all rows must keep the same count)."""
+        index = self.public_index(index, valid)
         b, hk, kk = index.shape
         gidx = index[..., None].expand(b, hk, kk, self.head_dim)
         self.k = self.k.gather(2, gidx)
