@@ -13,7 +13,8 @@ reproducible), else elapsed time / ``--minutes`` (robust to a shared CPU; the da
 
 Every ``--ckpt-minutes`` the run writes ``OUT/model`` (HF layout, fp32), ``OUT/train_state.pt`` (optimizer,
 step, elapsed time, args) and ``OUT/export`` (weights cast to ``--export-dtype`` for shipping); ``--resume
-OUT`` continues from there (use ``--minutes``/``--steps`` to extend the schedule). Per-task exact match
+OUT`` continues from there (use ``--minutes``/``--steps`` to extend the schedule); ``--init DIR|tiny`` starts a
+new schedule from existing weights (how the shipped model got its extra 2K-token training). Per-task exact match
 (teacher-forced argmax over all answer bytes == greedy exact match) at the current length is printed every
 ``--eval-minutes`` and appended to ``OUT/metrics.jsonl``.
 
@@ -266,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--resume", type=Path, default=None, help="directory of a previous run (OUT of that run)")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="start from these weights (HF-layout directory or 'tiny') with a fresh optimizer and schedule",
+    )
     p.add_argument("--steps", type=int, default=None, help="schedule length in steps (default: time-based)")
     p.add_argument("--minutes", type=float, default=110.0, help="time budget; training stops when spent")
     p.add_argument("--seed", type=int, default=0)
@@ -315,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         state = torch.load(args.resume / "train_state.pt", weights_only=False)
         step, elapsed_before = int(state["step"]), float(state["elapsed"])
         log(f"resumed from {args.resume} at step {step} ({elapsed_before / 60:.1f} min trained)")
+    elif args.init is not None:
+        model = load_model(args.init, dtype=torch.float32)
+        log(f"initialised from {args.init}: fresh optimizer and schedule")
     else:
         model = build_model(args, torch.Generator().manual_seed(args.seed))
     params = trainable(model)

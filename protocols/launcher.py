@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -557,18 +558,57 @@ def run_launch(args: argparse.Namespace) -> int:
 
 
 def run_party(args: argparse.Namespace) -> int:
-    """Handler of ``mpckv party``."""
-    return run_party_process(
-        args.rank,
-        args.world_size,
-        args.rendezvous,
-        args.argv,
-        ttp=args.ttp,
-        protocol=args.protocol,
-        pycall=args.pycall,
-        rendezvous_timeout=args.rendezvous_timeout,
-        comm_timeout=args.comm_timeout,
-    )
+    """Handler of ``mpckv party``.
+
+    A party that fails after joining the others leaves with its exit status *at once* (``os._exit`` after
+    flushing its streams): a normal interpreter exit with a live gloo process group can end in the group's
+    destructor calling ``abort()``, which turned "exit 1" into SIGABRT (exit 134) on some CI runs.
+    """
+    try:
+        code = run_party_process(
+            args.rank,
+            args.world_size,
+            args.rendezvous,
+            args.argv,
+            ttp=args.ttp,
+            protocol=args.protocol,
+            pycall=args.pycall,
+            rendezvous_timeout=args.rendezvous_timeout,
+            comm_timeout=args.comm_timeout,
+        )
+    except MpckvError as exc:
+        if not _joined():
+            raise  # bad options or no peers: nothing to tear down, main() reports it
+        print(f"mpckv: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        _exit_now(2)
+    except KeyboardInterrupt:
+        if not _joined():
+            raise
+        print("mpckv: interrupted", file=sys.stderr)
+        _exit_now(130)
+    except Exception:
+        if not _joined():
+            raise
+        traceback.print_exc()
+        _exit_now(1)
+    if code != 0 and _joined():
+        _exit_now(code)
+    return code
+
+
+def _joined() -> bool:
+    """Whether this process holds a torch.distributed process group (joined the other parties)."""
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and dist.is_initialized())
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Flush our streams and leave without interpreter teardown (see :func:`run_party`)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 class _Parser(argparse.ArgumentParser):
