@@ -16,8 +16,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 import mpckv
 from mpckv.errors import CheckpointError
 
@@ -38,38 +36,10 @@ def _model_dir(tmp: Path) -> tuple[str, bool]:
         mpckv.load_model("tiny")
         return "tiny", True
     except CheckpointError:
-        from mpckv.config import ModelConfig
-        from mpckv.plaintext.model import LayerWeights, LlamaModel
+        from mpckv.random_model import random_llama, small_config
 
-        cfg = ModelConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        )
-        g = torch.Generator().manual_seed(0)
-
-        def w(*shape: int) -> torch.Tensor:
-            return torch.randn(*shape, generator=g) * 0.1
-
-        layers = [
-            LayerWeights(
-                torch.ones(64),
-                w(64, 64),
-                w(32, 64),
-                w(32, 64),
-                w(64, 64),
-                torch.ones(64),
-                w(128, 64),
-                w(128, 64),
-                w(64, 128),
-            )
-            for _ in range(4)
-        ]
-        mpckv.save_model(LlamaModel(cfg, w(256, 64), layers, torch.ones(64), w(256, 64)), tmp / "random")
+        cfg = small_config(hidden_size=64, intermediate_size=128, num_hidden_layers=4, head_dim=16)
+        mpckv.save_model(random_llama(cfg, std=0.1, embed_std=0.1, norm_std=0.0), tmp / "random")
         return str(tmp / "random"), False
 
 

@@ -13,10 +13,10 @@ reproducible), else elapsed time / ``--minutes`` (robust to a shared CPU; the da
 
 Every ``--ckpt-minutes`` the run writes ``OUT/model`` (HF layout, fp32), ``OUT/train_state.pt`` (optimizer,
 step, elapsed time, args) and ``OUT/export`` (weights cast to ``--export-dtype`` for shipping); ``--resume
-OUT`` continues from there (use ``--minutes``/``--steps`` to extend the schedule); ``--init DIR|tiny`` starts a
-new schedule from existing weights (how the shipped model got its extra 2K-token training). Per-task exact match
-(teacher-forced argmax over all answer bytes == greedy exact match) at the current length is printed every
-``--eval-minutes`` and appended to ``OUT/metrics.jsonl``.
+OUT`` continues from there (use ``--minutes``/``--steps`` to extend the schedule); ``--init DIR|tiny``
+starts a new schedule from existing weights (how the shipped model got its extra 2K-token training).
+Per-task exact match (teacher-forced argmax over all answer bytes == greedy exact match) at the current
+length is printed every ``--eval-minutes`` and appended to ``OUT/metrics.jsonl``.
 
 Example::
 

@@ -482,7 +482,7 @@ def select_clusters(method: MPCache, ctx: DecodeContext) -> ClusterChoice | None
     cache = ctx.cache
     lengths = cache.lengths
     sizes = method.cluster_sizes
-    ks = method.level_sizes(lengths, ctx.layer)
+    ks = method.level_sizes(lengths, ctx.layer, seen=torch.as_tensor(ctx.positions) + 1)
     n_valid = [num_clusters(lengths, s) for s in sizes]
     if bool((ks[-1] >= n_valid[-1]).all()):
         return None

@@ -33,8 +33,9 @@ Deviations from the official code
   cluster (the current one) is forced. The code forces the last cluster only when ``n mod s1 ≠ 0`` and pads
   by repeating earlier tokens.
 * **Incremental boxes** (the paper's claim) instead of recomputing every box at every step (code).
-* **Budgets**: ``budget`` is the final token budget of the selection (a ratio of the *current* compacted
-  cache length, or a token count): the last level picks ``max(2, tokens // s_last)`` clusters, forced
+* **Budgets**: ``budget`` is the final token budget of the selection (a ratio of the tokens seen so far,
+  prompt + generated before static eviction, so that 10 % reads as many entries as Quest at 10 %; or a
+  token count): the last level picks ``max(2, tokens // s_last)`` clusters, forced
   ones included (the code uses ``⌊ρ2·C2⌋`` plus up to two forced extras). Upper levels pick
   ``⌊level_ratio·C⌋`` clusters, forced included, raised when needed so their children can host the picks
   below. A token budget covering the whole row reads every cluster.
@@ -92,8 +93,9 @@ class MPCache(KVMethod):
     Parameters
     ----------
     budget:
-        Final tokens read per step and KV head by the selection: a ratio of the current (compacted) cache
-        length, a token count, or per-layer / per-head lists. The last level picks
+        Final tokens read per step and KV head by the selection: a ratio of the tokens the sequence has seen
+        (prompt + generated, *before* static eviction, as the paper quotes its budgets), a token count, or
+        per-layer / per-head lists. The last level picks
         ``max(2, tokens // cluster_sizes[-1])`` clusters, forced ones included. Default 0.1.
     static_ratio:
         Fraction of the prompt kept per layer by static eviction (``1.0``: no eviction).
@@ -245,15 +247,24 @@ class MPCache(KVMethod):
         return index, valid
 
     # ------------------------------------------------------------------ dynamic selection
-    def level_sizes(self, lengths: torch.Tensor, layer: int) -> list[torch.Tensor]:
-        """Clusters picked per level ``[B, Hk]`` (forced included) for rows of ``lengths`` — public."""
+    def level_sizes(
+        self, lengths: torch.Tensor, layer: int, seen: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Clusters picked per level ``[B, Hk]`` (forced included) for rows of ``lengths`` — public.
+
+        ``seen [B]`` is the number of tokens each sequence has had (prompt + generated, before static
+        eviction): a ratio budget is a fraction of it, as in the paper, where the final budget is quoted
+        against the full context (kept fraction × ρ2). Without ``seen`` the compacted ``lengths`` are the
+        base.
+        """
         budget, s_last = self.resolved_budget, self.cluster_sizes[-1]
         n_valid = [num_clusters(lengths, s) for s in self.cluster_sizes]
+        base = lengths if seen is None else seen.to(lengths.device).long()[:, None].expand_as(lengths)
         rows: list[list[int]] = []
-        for row, nv_row in zip(lengths.tolist(), n_valid[-1].tolist(), strict=True):
+        for row, base_row, nv_row in zip(lengths.tolist(), base.tolist(), n_valid[-1].tolist(), strict=True):
             ks = []
-            for head, (n, nv) in enumerate(zip(row, nv_row, strict=True)):
-                tokens = budget.tokens_for(n, layer, head)
+            for head, (n, full, nv) in enumerate(zip(row, base_row, nv_row, strict=True)):
+                tokens = budget.tokens_for(max(n, full), layer, head)
                 ks.append(nv if tokens >= n else max(2, tokens // s_last))
             rows.append(ks)
         k_last = torch.tensor(rows, dtype=torch.long, device=lengths.device).view_as(lengths)
@@ -264,7 +275,7 @@ class MPCache(KVMethod):
         """Picked clusters per level ``[(index, valid) [B, Hk, K_l]]``, or ``None`` when every cluster of
         every row would be read (dense)."""
         cache = ctx.cache
-        ks = self.level_sizes(cache.lengths, ctx.layer)
+        ks = self.level_sizes(cache.lengths, ctx.layer, seen=ctx.positions + 1)
         n_valid = [num_clusters(cache.lengths, s) for s in self.cluster_sizes]
         if bool((ks[-1] >= n_valid[-1]).all()):
             return None

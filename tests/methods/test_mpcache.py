@@ -79,7 +79,9 @@ def cfg(layers: int = 4) -> ModelConfig:
                        num_attention_heads=4, num_key_value_heads=2, head_dim=HD)  # fmt: skip
 
 
-def decode_ctx(lengths: list[list[int]], seed: int = 0, keys: torch.Tensor | None = None) -> DecodeContext:
+def decode_ctx(
+    lengths: list[list[int]], seed: int = 0, keys: torch.Tensor | None = None, position: int | None = None
+) -> DecodeContext:
     gen = torch.Generator().manual_seed(seed)
     lens = torch.tensor(lengths)
     b, hk = lens.shape
@@ -89,7 +91,22 @@ def decode_ctx(lengths: list[list[int]], seed: int = 0, keys: torch.Tensor | Non
     cache.append(k, torch.randn(b, hk, t, HD, generator=gen), torch.arange(t).expand(b, t))
     cache.lengths = lens.clone()
     q = torch.randn(b, 4, HD, generator=gen)
-    return DecodeContext(2, cfg(), cache, q, lens.max(-1).values, 0, HD**-0.5, {})
+    pos = lens.max(-1).values if position is None else torch.full((b,), position)
+    return DecodeContext(2, cfg(), cache, q, pos, 0, HD**-0.5, {})
+
+
+def test_ratio_budget_counts_the_tokens_seen_before_static_eviction():
+    """A ratio budget is a fraction of the sequence seen so far (paper: kept fraction × ρ2 of the full
+    context), not of the statically compacted cache: 20 % of 80 seen tokens is 16 tokens = 4 clusters of
+    4, where 20 % of the 40 kept entries would give only 2."""
+    m = MPCache(budget=0.2, cluster_sizes=(8, 4), level_ratios=0.5)
+    levels = m.select_clusters(decode_ctx([[40, 40]], position=79))
+    assert levels is not None
+    assert levels[-1][1].sum(-1).tolist() == [[4, 4]]
+    levels = m.select_clusters(decode_ctx([[40, 40]], position=39))
+    assert levels is not None
+    assert levels[-1][1].sum(-1).tolist() == [[2, 2]]
+    assert m.select_clusters(decode_ctx([[40, 40]], position=400)) is None  # 80 tokens >= 40 kept: dense
 
 
 def prefill_ctx(lengths: list[int], seed: int = 0) -> PrefillContext:
@@ -245,8 +262,9 @@ def test_selection_sizes_forced_and_nested(sizes, seed):
     for lvl in range(len(sizes)):  # sizes are public: equal for two different caches of equal lengths
         assert torch.equal(runs[0][lvl][1].sum(-1), runs[1][lvl][1].sum(-1))
     for b, row in enumerate(lengths):
+        seen = max(row) + 1  # decode_ctx's position + 1: the ratio's base (never below the row's length)
         for h, n in enumerate(row):
-            tokens = m.resolved_budget.tokens_for(n)
+            tokens = m.resolved_budget.tokens_for(max(n, seen))
             assert [int(v[b, h].sum()) for _, v in runs[0]] == expected_counts(n, tokens, sizes, 0.5)
             parents = None
             for lvl, (idx, val) in enumerate(runs[0]):

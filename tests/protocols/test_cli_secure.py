@@ -7,48 +7,18 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import mpckv
 from mpckv.cli import main
-from mpckv.config import ModelConfig
-from mpckv.plaintext.model import LayerWeights, LlamaModel
+from mpckv.random_model import random_llama, small_config
 
 pytestmark = pytest.mark.mpc
 
 
 @pytest.fixture(scope="module")
 def byte_model(tmp_path_factory):
-    cfg = ModelConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    g = torch.Generator().manual_seed(0)
-
-    def w(*shape, std=0.15):
-        return torch.randn(*shape, generator=g) * std
-
-    layers = [
-        LayerWeights(
-            1 + w(32, std=0.1),
-            w(32, 32),
-            w(16, 32),
-            w(16, 32),
-            w(32, 32),
-            1 + w(32, std=0.1),
-            w(48, 32),
-            w(48, 32),
-            w(32, 48),
-        )
-        for _ in range(2)
-    ]
     path = tmp_path_factory.mktemp("byte_model")
-    mpckv.save_model(LlamaModel(cfg, w(256, 32, std=0.5), layers, torch.ones(32), w(256, 32, std=0.5)), path)
+    mpckv.save_model(random_llama(small_config()), path)
     return str(path)
 
 

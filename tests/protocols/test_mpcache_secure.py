@@ -44,7 +44,7 @@ from mpckv.plaintext.methods.clusters import (
 )
 from mpckv.plaintext.methods.mpcache import MPCache
 from mpckv.plaintext.methods.topk import select_topk
-from mpckv.plaintext.model import LayerWeights, LlamaModel
+from mpckv.plaintext.model import LlamaModel
 from mpckv.protocols import comm
 from mpckv.protocols.compat import import_crypten
 from mpckv.protocols.testing import (
@@ -53,6 +53,7 @@ from mpckv.protocols.testing import (
     register_checks,
     run_parties,
 )
+from mpckv.random_model import random_llama
 
 pytestmark = pytest.mark.mpc
 
@@ -78,27 +79,7 @@ def _cfg(layers: int, h: int = 4, hk: int = 2, d: int = 8) -> ModelConfig:
 
 
 def _tiny_model(seed: int = 0, layers: int = 4) -> LlamaModel:
-    cfg = _cfg(layers)
-    g = torch.Generator().manual_seed(seed)
-
-    def w(*shape: int, std: float = 0.15) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
-
-    blocks = [
-        LayerWeights(
-            1 + w(32, std=0.1),
-            w(32, 32),
-            w(16, 32),
-            w(16, 32),
-            w(32, 32),
-            1 + w(32, std=0.1),
-            w(48, 32),
-            w(48, 32),
-            w(32, 48),
-        )
-        for _ in range(layers)
-    ]
-    return LlamaModel(cfg, w(VOCAB, 32, std=0.5), blocks, torch.ones(32), w(VOCAB, 32, std=0.5))
+    return random_llama(_cfg(layers), seed=seed)
 
 
 def _quant(x: torch.Tensor) -> torch.Tensor:

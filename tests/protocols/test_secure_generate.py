@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import mpckv
-from mpckv.config import ModelConfig
-from mpckv.plaintext.model import LayerWeights, LlamaModel
+from mpckv.plaintext.model import LlamaModel
 from mpckv.protocols.testing import run_parties
+from mpckv.random_model import random_llama, small_config
 
 pytestmark = pytest.mark.mpc
 
@@ -21,36 +21,7 @@ PROMPTS = [[3, 17, 5, 40, 22, 9, 31, 12], [7, 7, 1, 30, 2, 44, 19, 25, 11, 6, 38
 
 
 def _tiny_model(seed: int = 0) -> LlamaModel:
-    cfg = ModelConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        rms_norm_eps=1e-5,
-    )
-    g = torch.Generator().manual_seed(seed)
-
-    def w(*shape: int, std: float = 0.15) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * std
-
-    layers = [
-        LayerWeights(
-            1 + w(32, std=0.1),
-            w(32, 32),
-            w(16, 32),
-            w(16, 32),
-            w(32, 32),
-            1 + w(32, std=0.1),
-            w(48, 32),
-            w(48, 32),
-            w(32, 48),
-        )
-        for _ in range(2)
-    ]
-    return LlamaModel(cfg, w(VOCAB, 32, std=0.5), layers, torch.ones(32), w(VOCAB, 32, std=0.5))
+    return random_llama(small_config(vocab_size=VOCAB, rms_norm_eps=1e-5), seed=seed)
 
 
 @pytest.fixture(scope="module")
