@@ -39,6 +39,27 @@ def _dense_table(eval_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _earlier_training(card: Path, init: str | None, dest: Path) -> str:
+    """The training section of the card being replaced, when this run started from the shipped weights.
+
+    A run with ``--init tiny`` (or ``--init DEST``) continues the shipped model, so its card keeps the
+    earlier stage's command, numbers and run history, then describes the new stage.
+    """
+    if init in (None, "None") or not card.is_file():
+        return ""
+    if init != "tiny" and Path(init).resolve() != dest.resolve():
+        return f"Started from the weights in `{init}`.\n\n### This stage\n"
+    text = card.read_text()
+    if "## Training" not in text:
+        return ""
+    body = text.split("## Training", 1)[1].split("\n## ", 1)[0].strip()
+    history = ""
+    if "**Run history:**" in text:
+        history = "\n\n" + "**Run history:**" + text.split("**Run history:**", 1)[1].split("\n\n", 1)[0]
+    body = body.replace("### Earlier stages\n\n", "").replace("### This stage\n", "")
+    return f"### Earlier stages\n\n{body}{history}\n\n### This stage (started from the weights above)\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--run", default="runs/tiny_main")
@@ -52,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"weights are {size} bytes, over the 8 MiB limit", file=sys.stderr)
         return 2
     dest.mkdir(parents=True, exist_ok=True)
+    train_args = json.loads((run / "args.json").read_text())
+    earlier = _earlier_training(dest / "MODEL_CARD.md", train_args.get("init"), dest)
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(export / name, dest / name)
     cfg = json.loads((export / "config.json").read_text())
-    train_args = json.loads((run / "args.json").read_text())
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = [x for x in lines if "loss_ans" in x]
     last = steps[-1] if steps else {}
@@ -74,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg["hidden_size"],
         ]
     )
-    flags = [f"--{k.replace('_', '-')} {v}" for k, v in train_args.items() if v not in (None, "None")]
+    flags = [
+        f"--{k.replace('_', '-')} {v}" for k, v in train_args.items() if v not in (None, "None", "False")
+    ]
     command = "python examples/train_tiny.py " + " ".join(flags)
+    gate_at = float(train_args.get("advance_at") or 0)
+    gate = f"gated on exact match ≥ {gate_at} at the previous length" if gate_at > 0 else "time-based"
     loss_ans, loss_ctx = float(last.get("loss_ans", "nan")), float(last.get("loss_ctx", "nan"))
     card = f"""# mpckv tiny — model card
 
@@ -94,14 +120,13 @@ Synthetic long-context tasks from `mpckv.data.synthetic` (passkey, multi-key nee
 among distractors, multi-hop variable tracking, questions over several documents), a random-string copy
 task, and natural text: the Python standard-library sources on the machine (first
 {int(train_args.get("corpus_bytes", 0)):,} bytes; the `ppl` suite evaluates on a later, unseen slice).
-Mix: `{train_args.get("mix")}`. Dense supervision: a context of ~60% of the sequence followed by as many
+Mix (this stage): `{train_args.get("mix")}`. Dense supervision: a context of ~60% of the sequence followed by as many
 questions as fit; answer bytes weighted ×{train_args.get("answer_weight")}.
 
 ## Training
-`{command}`
+{earlier}`{command}`
 
-Length curriculum `{train_args.get("stages")}` (gated on exact match ≥ {train_args.get("advance_at")} at the
-previous length), AdamW, lr {train_args.get("lr")} warm-up/stable/decay, {train_args.get("tokens_per_step")}
+Length curriculum `{train_args.get("stages")}` ({gate}), AdamW, lr {train_args.get("lr")} warm-up/stable/decay, {train_args.get("tokens_per_step")}
 tokens per step. Final logged step {last.get("step")}, {last.get("elapsed_min", 0):.0f} min of training,
 answer-byte loss {loss_ans:.3f}, context loss {loss_ctx:.3f} nats per byte.
 
