@@ -120,15 +120,16 @@ Synthetic long-context tasks from `mpckv.data.synthetic` (passkey, multi-key nee
 among distractors, multi-hop variable tracking, questions over several documents), a random-string copy
 task, and natural text: the Python standard-library sources on the machine (first
 {int(train_args.get("corpus_bytes", 0)):,} bytes; the `ppl` suite evaluates on a later, unseen slice).
-Mix (this stage): `{train_args.get("mix")}`. Dense supervision: a context of ~60% of the sequence followed by as many
-questions as fit; answer bytes weighted ×{train_args.get("answer_weight")}.
+Mix (this stage): `{train_args.get("mix")}`. Dense supervision: a context of ~60% of the sequence
+followed by as many questions as fit; answer bytes weighted ×{train_args.get("answer_weight")}.
 
 ## Training
 {earlier}`{command}`
 
-Length curriculum `{train_args.get("stages")}` ({gate}), AdamW, lr {train_args.get("lr")} warm-up/stable/decay, {train_args.get("tokens_per_step")}
-tokens per step. Final logged step {last.get("step")}, {last.get("elapsed_min", 0):.0f} min of training,
-answer-byte loss {loss_ans:.3f}, context loss {loss_ctx:.3f} nats per byte.
+Length curriculum `{train_args.get("stages")}` ({gate}), AdamW, lr {train_args.get("lr")}
+warm-up/stable/decay, {train_args.get("tokens_per_step")} tokens per step. Final logged step
+{last.get("step")}, {last.get("elapsed_min", 0):.0f} min of training, answer-byte loss {loss_ans:.3f},
+context loss {loss_ctx:.3f} nats per byte.
 
 ## Accuracy (dense KV cache, `mpckv eval`, query-agnostic mode)
 From `{args.eval}` (model id in its results.json):
