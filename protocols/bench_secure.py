@@ -131,6 +131,10 @@ def _record(
         "lan_s_per_token": modelled_seconds(stats, "lan", wall) / steps,
         "wan_s_per_token": modelled_seconds(stats, "wan", wall) / steps,
         "wall_s_per_token": wall / steps,
+        "by_op": {
+            op: {"bytes": v.get("bytes", 0) / steps, "rounds": v.get("rounds", 0) / steps}
+            for op, v in sorted(stats.by_op.items())
+        },
     }
 
 

@@ -42,12 +42,15 @@ eviction and *which* middle clusters each decode step reads.
    ranking, no truncation — and ``"max"`` by a comparison tree). Cluster 0 and the last (current) cluster
    are forced at every level and never enter the top-k: :func:`secure_topk` picks the remaining
    ``k_l − 2`` among the middle clusters ``1 … C_l − 2``. Below the first level only the children of the
-   previous picks are candidates: the child mask is the previous level's selected bits repeated ``r``
-   times (local), and non-candidates get an additive penalty ``−2**20`` applied **locally to the shares**
-   (``u + (child − 1)·2**20``: a secret bit times a public constant, no communication), so the top-k
-   never picks them (the public budget never exceeds the public number of children). This is the
-   "secret child mask" variant; it costs a top-k over ``C_l − 2`` entries instead of ``≈ r·k_{l−1}``,
-   and no multiplication.
+   previous picks are candidates, and the top-k runs over those alone (:func:`_child_candidates`): the
+   children's scores of the ``k'`` secret previous picks are gathered by the previous one-hot (one
+   secret product ``[k', C' − 2]·[C' − 2, r]``), the public children of the forced first and last
+   clusters are sliced, the top-k picks among these ``≈ r·k'`` candidates (in ascending cluster order,
+   so ties still go to the lower cluster), and one more secret product maps its one-hot back to the
+   middle clusters. This is what makes the hierarchy pay under MPC: the level-2 sorting network has
+   ``≈ r·k'`` inputs instead of ``C_l − 2`` (half, with the default ratio 0.5). When the previous picks
+   are public (all candidates taken), non-candidates get an additive penalty ``−2**20`` on the shares
+   instead (local).
 
 4. **Gather** (:func:`gather_clusters`, the :class:`~mpckv.plaintext.methods.base.Selection`'s
    ``gather``): the forced first and last clusters are sliced publicly; the ``k_mid`` middle clusters are
@@ -477,6 +480,47 @@ def _children(bits: Any, branch: int, c_next: int) -> Any:
     return _from_share(bits.share.repeat_interleave(branch, dim=-1)[..., :c_next].contiguous(), 0)
 
 
+def _child_candidates(u: Any, prev: LevelChoice, branch: int, c: int) -> tuple[Any, Any]:
+    """This level's middle candidates, compacted: their scores and the map back to the middle clusters.
+
+    Candidates, in ascending cluster order: the middle children of cluster 0 (public: ``1 … r − 1``),
+    the ``r`` children of each of the previous level's ``k'`` secret middle picks (their scores gathered
+    by the previous one-hot: one secret product ``[k', C' − 2] · [C' − 2, r]``), and the middle children
+    of the previous last cluster (public: ``(C' − 1)·r … c − 2``). Returns ``scores [1, Hk, m]`` (secret)
+    and ``to_mid [1, Hk, m, c − 2]`` (secret scale-1 bits: row ``i`` is the one-hot of candidate ``i``'s
+    middle cluster), built from the shares locally.
+    """
+    crypten = _crypten()
+    hk = u.size(1)
+    onehot = prev.onehot  # [1, Hk, k', C' − 2], secret bits
+    kp, n_prev_mid = int(onehot.size(2)), int(onehot.size(3))
+    hi0 = (prev.clusters - 1) * branch  # first child of the previous last cluster
+    child_u = u[..., branch:hi0].reshape(1, hk, n_prev_mid, branch)
+    secret_scores = onehot.matmul(child_u).reshape(1, hk, kp * branch)
+    parts = [x for x in (u[..., 1:branch], secret_scores, u[..., hi0 : c - 1]) if x.size(-1) > 0]
+    scores = parts[0] if len(parts) == 1 else crypten.cat(parts, dim=-1)
+
+    n_mid = c - 2
+    low = torch.zeros(1, hk, branch - 1, n_mid, dtype=torch.long)
+    low[..., torch.arange(branch - 1), torch.arange(branch - 1)] = 1  # cluster j → middle column j − 1
+    n_high = max(c - 1 - hi0, 0)
+    high = torch.zeros(1, hk, n_high, n_mid, dtype=torch.long)
+    high[..., torch.arange(n_high), torch.arange(hi0 - 1, hi0 - 1 + n_high)] = 1
+    placed = torch.zeros(1, hk, kp, branch, n_mid, dtype=torch.long)
+    parents = torch.arange(1, n_prev_mid + 1)  # previous middle column p' is cluster p' + 1
+    for j in range(branch):
+        placed[:, :, :, j, parents * branch + j - 1] = onehot.share
+    share = torch.cat(
+        [
+            _add_public(torch.zeros_like(low), low),
+            placed.reshape(1, hk, kp * branch, n_mid),
+            _add_public(torch.zeros_like(high), high),
+        ],
+        dim=2,
+    )
+    return scores, _from_share(share, 0)
+
+
 def select_clusters(method: MPCache, ctx: DecodeContext) -> ClusterChoice | None:
     """Secure twin of :meth:`MPCache.select_clusters`: the secret picks per level, or ``None`` (dense)."""
     cache = ctx.cache
@@ -522,11 +566,15 @@ def select_clusters(method: MPCache, ctx: DecodeContext) -> ClusterChoice | None
                     u = tree_max(u, dim=2) if method.group_reduce == "max" else u.sum(2)
                 else:
                     u = u.squeeze(2)
-                u = u[..., 1 : c - 1]
-                if cand is not None:
-                    cmid = cand[..., 1 : c - 1]
-                    u = _penalise(u, cmid)
-                onehot = secure_topk(u, k_mid)  # [1, Hk, k_mid, n_mid]
+                if is_secret(cand) and levels[-1].onehot is not None:
+                    branch = sizes[lvl - 1] // s
+                    cand_u, to_mid = _child_candidates(u, levels[-1], branch, c)
+                    onehot = secure_topk(cand_u, k_mid).matmul(to_mid)  # [1, Hk, k_mid, n_mid]
+                else:
+                    u = u[..., 1 : c - 1]
+                    if cand is not None:
+                        u = _penalise(u, cand[..., 1 : c - 1])
+                    onehot = secure_topk(u, k_mid)  # [1, Hk, k_mid, n_mid]
                 mid_bits = onehot.sum(-2)
             bits = _level_bits(c, mid_bits, hk)
             levels.append(LevelChoice(size=s, clusters=c, k_mid=k_mid, onehot=onehot, bits=bits))

@@ -165,6 +165,14 @@ def check_selection_and_gather_parity() -> None:
     comm.install()
     checked: list[int] = []
     secret_final: list[bool] = []
+    compacted: list[int] = []  # calls of the compacted-candidates path (secret previous picks)
+    real_candidates = ms._child_candidates
+
+    def counting_candidates(*args: Any) -> Any:
+        compacted.append(1)
+        return real_candidates(*args)
+
+    ms._child_candidates = counting_candidates  # type: ignore[assignment]
 
     @party_settings(max_examples=6)
     @given(
@@ -256,9 +264,13 @@ def check_selection_and_gather_parity() -> None:
                 secret_final.append(ms.is_secret(choice.final.onehot))
             checked.append(step)
 
-    prop()
+    try:
+        prop()
+    finally:
+        ms._child_candidates = real_candidates  # type: ignore[assignment]
     assert checked, "no example reached a non-dense selection with clear gaps"
     assert any(secret_final), "no example chose its final clusters by a secret top-k"
+    assert compacted, "no example ran a lower level over the compacted children of secret picks"
 
 
 def check_static_eviction_parity() -> None:
