@@ -569,12 +569,13 @@ def select_clusters(method: MPCache, ctx: DecodeContext) -> ClusterChoice | None
                 if is_secret(cand) and levels[-1].onehot is not None:
                     branch = sizes[lvl - 1] // s
                     cand_u, to_mid = _child_candidates(u, levels[-1], branch, c)
-                    onehot = secure_topk(cand_u, k_mid).matmul(to_mid)  # [1, Hk, k_mid, n_mid]
+                    picks = secure_topk(cand_u, k_mid, network=method.topk_network)
+                    onehot = picks.matmul(to_mid)  # [1, Hk, k_mid, n_mid]
                 else:
                     u = u[..., 1 : c - 1]
                     if cand is not None:
                         u = _penalise(u, cand[..., 1 : c - 1])
-                    onehot = secure_topk(u, k_mid)  # [1, Hk, k_mid, n_mid]
+                    onehot = secure_topk(u, k_mid, network=method.topk_network)  # [1, Hk, k_mid, n_mid]
                 mid_bits = onehot.sum(-2)
             bits = _level_bits(c, mid_bits, hk)
             levels.append(LevelChoice(size=s, clusters=c, k_mid=k_mid, onehot=onehot, bits=bits))

@@ -54,6 +54,7 @@ __all__ = [
     "block_minmax_plain",
     "linear_block_scores_plain",
     "SCORE_LIMIT",
+    "TOPK_NETWORKS",
 ]
 
 SCORE_LIMIT = 2.0**23
@@ -160,7 +161,11 @@ def _row_budget(lead: torch.Size, n: int, k: int, forced: torch.Tensor | None) -
     return kk.clamp(0, n)
 
 
-def secure_topk(scores: Any, k: int, forced: torch.Tensor | None = None) -> Any:
+TOPK_NETWORKS = ("bitonic", "rank")
+"""Ways :func:`secure_topk` finds the selected entries: few bytes (``bitonic``) or few rounds (``rank``)."""
+
+
+def secure_topk(scores: Any, k: int, forced: torch.Tensor | None = None, network: str = "bitonic") -> Any:
     """One-hot selection of the ``k`` best entries of every row of secret ``scores [..., n]``.
 
     Parameters
@@ -171,6 +176,13 @@ def secure_topk(scores: Any, k: int, forced: torch.Tensor | None = None) -> Any:
         Public budget per row, clamped to ``n``.
     forced:
         Public bool mask like ``scores``: entries always selected (rows may then keep more than ``k``).
+    network:
+        ``"bitonic"`` (default): a bitonic sorting network, ``≈ n·log²n/4`` comparisons in
+        ``log n·(log n + 1)/2`` sequential stages, then one comparison against the ``kk``-th key.
+        ``"rank"``: every pair compared at once (``n(n − 1)/2`` comparisons in *one* stage), each entry's
+        rank summed locally, then one comparison ``rank < kk`` — the same selection in two comparison
+        depths instead of ``≈ log²n/2``, for ``≈ 2n/log²n`` times the comparisons. Prefer it where
+        round trips cost more than bytes (WAN) and rows are short (tens to a few hundred entries).
 
     Returns
     -------
@@ -184,6 +196,8 @@ def secure_topk(scores: Any, k: int, forced: torch.Tensor | None = None) -> Any:
     becomes a threshold, ``sel = key >= threshold``, the exclusive prefix sum of ``sel`` is each
     selected entry's output row, and ``K·n`` equality tests build the one-hot.
     """
+    if network not in TOPK_NETWORKS:
+        raise ConfigError(f"secure top-k network must be one of {TOPK_NETWORKS}, got {network!r}")
     n = scores.size(-1)
     lead = torch.Size(scores.size()[:-1])
     if forced is not None and tuple(forced.shape) != tuple(scores.size()):
@@ -201,15 +215,16 @@ def secure_topk(scores: Any, k: int, forced: torch.Tensor | None = None) -> Any:
     if forced is not None:
         pub = pub + forced.to(torch.long) * big
     key_share = _add_public(scores.share * (1 << b), pub)
-    if npad > n:
-        pad_pub = torch.full((*lead, npad - n), -big, dtype=torch.long)
-        key_share = torch.cat([key_share, _add_public(torch.zeros_like(pad_pub), pad_pub)], dim=-1)
-    keys = _from_share(key_share, 0)
-    sorted_keys = _bitonic_sort_desc(keys, npad)
-
-    thr = sorted_keys.gather(-1, (kk - 1).clamp_min(0).unsqueeze(-1))  # [..., 1]
-    real = keys[..., :n]
-    sel = 1 - (real - thr).lt(0)  # key >= threshold
+    if network == "rank":
+        sel = _rank_select(_from_share(key_share, 0), kk)
+    else:
+        if npad > n:
+            pad_pub = torch.full((*lead, npad - n), -big, dtype=torch.long)
+            key_share = torch.cat([key_share, _add_public(torch.zeros_like(pad_pub), pad_pub)], dim=-1)
+        keys = _from_share(key_share, 0)
+        sorted_keys = _bitonic_sort_desc(keys, npad)
+        thr = sorted_keys.gather(-1, (kk - 1).clamp_min(0).unsqueeze(-1))  # [..., 1]
+        sel = 1 - (keys[..., :n] - thr).lt(0)  # key >= threshold
     if bool((kk == 0).any()):  # rows with nothing to select
         sel = sel * (kk > 0).long().unsqueeze(-1)
     excl = sel.clone()
@@ -217,6 +232,28 @@ def secure_topk(scores: Any, k: int, forced: torch.Tensor | None = None) -> Any:
     slot = sel * (excl + 1) - 1  # output row of a selected entry, -1 elsewhere (exact: scale 1)
     rows = torch.arange(kmax, dtype=torch.long).view(*([1] * len(lead)), kmax, 1)
     return slot.unsqueeze(-2).expand(*lead, kmax, n).eq(rows.expand(*lead, kmax, n))
+
+
+def _rank_select(keys: Any, kk: torch.Tensor) -> Any:
+    """Bits ``rank < kk`` of distinct scale-1 ``keys [..., n]``, ``rank`` = number of larger keys.
+
+    One batched comparison per pair ``i < j`` (``g = [key_j > key_i]``); then, locally on the shares,
+    ``rank_i = Σ_{j>i} g_ij + Σ_{j<i} (1 − g_ji)``; then one comparison per entry.
+    """
+    n = keys.size(-1)
+    if n == 1:
+        rank_share = torch.zeros_like(keys.share)
+    else:
+        first, second = torch.triu_indices(n, n, offset=1)
+        g = 1 - (keys[..., second] - keys[..., first]).lt(0)  # key_second > key_first (keys distinct)
+        gs = g.share
+        zeros = torch.zeros_like(keys.share)
+        rank_share = zeros.scatter_add(-1, first.expand_as(gs), gs) - zeros.scatter_add(
+            -1, second.expand_as(gs), gs
+        )
+        rank_share = _add_public(rank_share, torch.arange(n).expand_as(rank_share))  # + #(j < i)
+    rank = _from_share(_add_public(rank_share, -kk.unsqueeze(-1).expand_as(rank_share)), 0)
+    return rank.lt(0)  # rank − kk < 0
 
 
 def _bitonic_sort_desc(keys: Any, npad: int) -> Any:

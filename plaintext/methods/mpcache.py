@@ -121,6 +121,10 @@ class MPCache(KVMethod):
         groups: the first layer of a group selects, the others reuse its selection.
     share_static:
         Followers also reuse their leader's static kept set.
+    topk_network:
+        Under MPC only: the secure top-k of the decode-time selection, ``"bitonic"`` (fewest bytes) or
+        ``"rank"`` (all pairs compared at once: two comparison depths instead of ``≈ log²C/2`` stages, for
+        more bytes; the better choice where round trips dominate, e.g. WAN). Same picks either way.
     leaky:
         Under MPC only: **reveal** each layer's static kept set to every party and compact by public
         index instead of the oblivious one-hot compaction (default ``False``). This leaks which prompt
@@ -138,6 +142,7 @@ class MPCache(KVMethod):
     dense_layers: tuple[int, ...] = (0, 1)
     share: Any = "pairs"
     share_static: bool = False
+    topk_network: str = "bitonic"
     leaky: bool = False
 
     family = "selection"
@@ -154,6 +159,7 @@ class MPCache(KVMethod):
         self.sinks = _int_tuple(n, "sinks", (self.sinks,), low=0)[0]
         check_choice(n, "static_mode", self.static_mode, STATIC_MODES)
         check_choice(n, "group_reduce", self.group_reduce, GROUP_REDUCES)
+        check_choice(n, "topk_network", self.topk_network, ("bitonic", "rank"))
         if not isinstance(self.share_static, bool):
             raise ConfigError(f"{n}: share_static must be a bool, got {self.share_static!r}")
         if not isinstance(self.leaky, bool):

@@ -136,7 +136,7 @@ def test_registered_with_defaults():
     [{"static_ratio": 0.0}, {"alpha": 1.5}, {"cluster_sizes": (16, 12)}, {"cluster_sizes": (8, 8)},
      {"cluster_sizes": ()}, {"level_ratios": (0.5, 0.5)}, {"level_ratios": 0.0}, {"static_mode": "x"},
      {"group_reduce": "min"}, {"share": [[2, 3], [3, 4]]}, {"share": [[1, 2]]}, {"share": "all"},
-     {"sinks": -1}, {"window_frac": 2.0}],
+     {"sinks": -1}, {"window_frac": 2.0}, {"topk_network": "odd-even"}],
 )  # fmt: skip
 def test_bad_parameters(bad):
     with pytest.raises(ConfigError):

@@ -166,6 +166,7 @@ def check_selection_and_gather_parity() -> None:
     checked: list[int] = []
     secret_final: list[bool] = []
     compacted: list[int] = []  # calls of the compacted-candidates path (secret previous picks)
+    networks: set[str] = set()  # top-k networks that reached a checked selection
     real_candidates = ms._child_candidates
 
     def counting_candidates(*args: Any) -> Any:
@@ -185,8 +186,9 @@ def check_selection_and_gather_parity() -> None:
         ratio=st.sampled_from([0.5, 0.75]),
         reduce=st.sampled_from(["mean", "max"]),
         steps=st.integers(1, 3),
+        network=st.sampled_from(["bitonic", "rank"]),
     )
-    def prop(seed, n, hk, g, sizes, budget, ratio, reduce, steps):
+    def prop(seed, n, hk, g, sizes, budget, ratio, reduce, steps, network):
         d = 8
         cfg = _cfg(1, h=hk * g, hk=hk, d=d)
         gen = torch.Generator().manual_seed(seed)
@@ -197,6 +199,7 @@ def check_selection_and_gather_parity() -> None:
             group_reduce=reduce,
             dense_layers=(),
             share="none",
+            topk_network=network,
         )
         total = n + steps
         K = _quant(torch.randn(1, hk, total, d, generator=gen))
@@ -263,6 +266,7 @@ def check_selection_and_gather_parity() -> None:
                 assert torch.equal(_reveal(v_rows), plain.values().double().gather(2, gi))
                 secret_final.append(ms.is_secret(choice.final.onehot))
             checked.append(step)
+            networks.add(network)
 
     try:
         prop()
@@ -271,6 +275,7 @@ def check_selection_and_gather_parity() -> None:
     assert checked, "no example reached a non-dense selection with clear gaps"
     assert any(secret_final), "no example chose its final clusters by a secret top-k"
     assert compacted, "no example ran a lower level over the compacted children of secret picks"
+    assert networks == {"bitonic", "rank"}, f"only {networks} reached a checked selection"
 
 
 def check_static_eviction_parity() -> None:

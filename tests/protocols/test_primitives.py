@@ -35,12 +35,14 @@ def _distinct_scores(g: torch.Generator, shape: tuple[int, ...], gap: float) -> 
 
 
 def _assert_topk_equal(S, sq, k, forced):
-    got = P.secure_topk(S, k, forced).get_plain_text()
+    """Both networks (bitonic sort, pairwise rank) give exactly the plaintext one-hot."""
     ref = P.topk_onehot_plain(sq, k, forced)
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    assert torch.equal(got.long(), ref.long()), (got, ref)
-    # structure: one 1 per used row, indices ascending, no index twice
-    assert got.sum(-1).le(1).all() and got.sum(-2).le(1).all()
+    for network in P.TOPK_NETWORKS:
+        got = P.secure_topk(S, k, forced, network=network).get_plain_text()
+        assert got.shape == ref.shape, (network, got.shape, ref.shape)
+        assert torch.equal(got.long(), ref.long()), (network, got, ref)
+        # structure: one 1 per used row, indices ascending, no index twice
+        assert got.sum(-1).le(1).all() and got.sum(-2).le(1).all()
 
 
 # ------------------------------------------------------------------------------------------ top-k
@@ -276,6 +278,8 @@ def test_argument_errors():
         P.secure_topk(s, 2, forced=torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ConfigError):
         P.secure_topk(s, -1)
+    with pytest.raises(ConfigError, match="network must be one of"):
+        P.secure_topk(s, 2, network="odd-even")
     with pytest.raises(ConfigError):
         P.block_minmax_plain(torch.zeros(1, 4, 2), 0)
     with pytest.raises(ConfigError):
