@@ -204,8 +204,19 @@ def cmd_report(args: argparse.Namespace) -> int:
         command += " " + shlex.join(["--fidelity", *args.fidelity])
     if args.bench:
         command += " " + shlex.join(["--bench", *args.bench])
+    if args.notes:
+        if not Path(args.notes).is_file():
+            raise UsageError(f"--notes {args.notes}: no such file")
+        command += " " + shlex.join(["--notes", args.notes])
     try:
-        out = write_report(args.results, args.out, command=command, fidelity=args.fidelity, bench=args.bench)
+        out = write_report(
+            args.results,
+            args.out,
+            command=command,
+            fidelity=args.fidelity,
+            bench=args.bench,
+            notes=args.notes,
+        )
     except OSError as exc:
         raise UsageError(f"cannot write the report {args.out}: {exc}") from exc
     print(f"wrote {out}", file=sys.stderr)
@@ -223,5 +234,8 @@ def _add_report(sub: Any) -> None:
     )
     p.add_argument(
         "--bench", nargs="*", default=[], metavar="FILE", help="JSON files of mpckv bench secure --json"
+    )
+    p.add_argument(
+        "--notes", default=None, metavar="FILE", help="markdown placed under the title (e.g. bench commands)"
     )
     p.set_defaults(handler=cmd_report)

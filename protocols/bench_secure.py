@@ -184,6 +184,7 @@ def party_main(argv: list[str]) -> int:
                 with comm.paused():
                     totals = comm.system_totals()
                 records.append(_record(method, kv_cache, "decode", n, steps, totals, wall, world, protocol))
+                records[-1]["params"] = params
                 if rank == 0:
                     print(json.dumps(records[-1]), flush=True)
             for n in spec.get("prefill_lengths", []):
@@ -197,6 +198,7 @@ def party_main(argv: list[str]) -> int:
                 with comm.paused():
                     totals = comm.system_totals()
                 records.append(_record(method, kv_cache, "prefill", n, 1, totals, wall, world, protocol))
+                records[-1]["params"] = params
     if rank == 0 and spec.get("out"):
         with open(spec["out"], "w") as fh:
             json.dump(records, fh, indent=2)

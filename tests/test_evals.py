@@ -209,6 +209,32 @@ def test_cli_eval_every_method_fidelity_and_report(ckpt, tmp_path, capsys):
     img = tmp_path / "docs" / "img" / "run_passkey.png"
     assert img.is_file() and "](img/run_passkey.png)" in text
 
+    # notes under the title; bench tables name each method's parameters
+    notes = tmp_path / "notes.md"
+    notes.write_text("## How the benchmarks were run\n\n`mpckv bench secure ...`\n")
+    rec = dict(phase="decode", length=64, parties=2, protocol="beaver", rounds_per_token=10.0)
+    rec |= dict(lan_s_per_token=1.0, wan_s_per_token=2.0, wall_s_per_token=0.5, online_bytes_per_token=0.0)
+    bench = tmp_path / "bench.json"
+    bench.write_text(
+        json.dumps(
+            [
+                dict(rec, method="dense", kv_cache="stock", bytes_per_token=4096.0, params={}),
+                dict(
+                    rec,
+                    method="mpcache",
+                    kv_cache="persistent",
+                    bytes_per_token=1024.0,
+                    params={"budget": 0.1},
+                ),
+            ]
+        )
+    )
+    argv = ["report", "--results", str(out), "--out", str(page), "--bench", str(bench), "--notes", str(notes)]
+    assert main(argv) == 0
+    text = page.read_text()
+    assert text.index("## How the benchmarks were run") < text.index("## Methods")
+    assert '`mpcache` {"budget": 0.1}' in text and "4.00×" in text and "--notes" in text
+
 
 @pytest.mark.parametrize(
     ("extra", "needle"),
@@ -240,6 +266,7 @@ def test_cli_other_errors(ckpt, tmp_path, capsys):
         ["fidelity", "--model", ckpt, "--synthetic", "bogus"],
         ["fidelity", "--model", ckpt, "--methods", "nope", "--synthetic", "passkey"],
         ["report", "--results", str(tmp_path / "nothing"), "--out", str(tmp_path / "R.md")],
+        ["report", "--results", str(tmp_path), "--notes", str(tmp_path / "no-notes.md")],
     ]
     for argv in cases:
         assert main(argv) == 2, argv

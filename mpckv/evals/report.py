@@ -9,6 +9,7 @@ cell reads ``ppl · kept/read``.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,12 +129,14 @@ def write_report(
     command: str = "",
     fidelity: Sequence[str | Path] = (),
     bench: Sequence[str | Path] = (),
+    notes: str | Path | None = None,
 ) -> Path:
     """Write the results page (``docs/RESULTS.md``) from eval output directories.
 
     Plots ``DIR/plot_<suite>.png`` are copied to ``<out dir>/img/<DIR name>_<suite>.png`` and linked.
     ``fidelity`` lists JSON files written by ``mpckv fidelity --out``; ``bench`` JSON files written by
-    ``mpckv bench secure --json`` (one table each, ratios against stock dense of the same run).
+    ``mpckv bench secure --json`` (one table each, ratios against stock dense of the same run); ``notes``
+    a markdown file placed under the title (e.g. the commands behind the benchmark files).
     """
     from mpckv.evals.runner import META, load_results
     from mpckv.registry import list_methods
@@ -167,6 +170,8 @@ def write_report(
 
     now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = ["# Results\n", f"Generated on {now} by `{command or 'mpckv report'}`.\n"]
+    if notes is not None:
+        parts.append(Path(notes).read_text(encoding="utf-8").strip() + "\n")
     if runs:
         parts.append("Produced by:\n")
         parts += [
@@ -201,6 +206,13 @@ def write_report(
         first = recs[0]
         parts.append(f"## Secure decoding cost ({first.get('parties')} parties, {first.get('protocol')})\n")
         parts.append(f"From `{f}`: per generated token, system totals over parties. {BENCH_LEGEND}\n")
+        params = {r["method"]: r["params"] for r in recs if r.get("params")}
+        if params:
+            parts.append(
+                "Method parameters: "
+                + "; ".join(f"`{m}` {json.dumps(v, sort_keys=True)}" for m, v in sorted(params.items()))
+                + ".\n"
+            )
         parts.append(format_table(recs) + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts), encoding="utf-8")
