@@ -324,12 +324,17 @@ def on_prefill(method: MPCache, ctx: PrefillContext) -> None:
 
 # ======================================================================================== boxes
 def proxy_vectors(kmin: Any, kmax: Any, alpha: float) -> Any:
-    """``r = α·kmax + (1 − α)·kmin`` (secret; two public-scalar truncations unless α is 0 or 1)."""
+    """``r = α·kmax + (1 − α)·kmin`` (secret), computed as ``kmin + α·(kmax − kmin)``.
+
+    One public-scalar product on the box width, so the error is one truncation plus the encoding error of
+    α (CrypTen truncates it to the fixed-point step) times the width, instead of times ``|kmax|`` and
+    ``|kmin|``. Exact for α in {0, 1}.
+    """
     if alpha == 1.0:
         return kmax
     if alpha == 0.0:
         return kmin
-    return kmax * alpha + kmin * (1.0 - alpha)
+    return kmin + (kmax - kmin) * alpha
 
 
 def tracked_boxes(

@@ -369,8 +369,9 @@ def linear_block_scores(q: Any, kmin: Any, kmax: Any, alpha: float = 0.6) -> Any
     """MPCache's linear cluster proxy ``q · (α·kmax + (1−α)·kmin)ᵀ``.
 
     ``q [..., m, d]`` (decode: ``m = 1``), ``kmin``/``kmax`` ``[..., C, d]`` → ``[..., m, C]``. No
-    comparison; one secret matmul (1 round). Error: two public-scalar truncations on the box centre
-    (±1 step each) times ``‖q‖₁``, plus one truncation of the product.
+    comparison; one secret matmul (1 round). The centre is ``kmin + α·(kmax − kmin)``: one public-scalar
+    truncation (±1 step) plus α's own encoding error (CrypTen truncates α to the fixed-point step) times the
+    box width, both times ``‖q‖₁``, plus one truncation of the product.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
@@ -379,7 +380,7 @@ def linear_block_scores(q: Any, kmin: Any, kmax: Any, alpha: float = 0.6) -> Any
     elif alpha == 0.0:
         r = kmin
     else:
-        r = kmax * alpha + kmin * (1.0 - alpha)
+        r = kmin + (kmax - kmin) * alpha
     rt = r.transpose(-1, -2)
     if not is_secret(q):
         return rt.transpose(-1, -2).matmul(q.transpose(-1, -2)).transpose(-1, -2)
