@@ -96,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg["hidden_size"],
         ]
     )
-    flags = [
-        f"--{k.replace('_', '-')} {v}" for k, v in train_args.items() if v not in (None, "None", "False")
-    ]
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in train_args.items() if v not in (None, "None")]
     command = "python examples/train_tiny.py " + " ".join(flags)
     gate_at = float(train_args.get("advance_at") or 0)
     gate = f"gated on exact match ≥ {gate_at} at the previous length" if gate_at > 0 else "time-based"

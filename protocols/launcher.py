@@ -576,24 +576,25 @@ def run_party(args: argparse.Namespace) -> int:
             rendezvous_timeout=args.rendezvous_timeout,
             comm_timeout=args.comm_timeout,
         )
-    except MpckvError as exc:
+    except (Exception, KeyboardInterrupt) as exc:
         if not _joined():
             raise  # bad options or no peers: nothing to tear down, main() reports it
-        print(f"mpckv: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        _exit_now(2)
-    except KeyboardInterrupt:
-        if not _joined():
-            raise
-        print("mpckv: interrupted", file=sys.stderr)
-        _exit_now(130)
-    except Exception:
-        if not _joined():
-            raise
-        traceback.print_exc()
-        _exit_now(1)
+        _exit_now(_report_failure(exc))
     if code != 0 and _joined():
         _exit_now(code)
     return code
+
+
+def _report_failure(exc: BaseException) -> int:
+    """Print how the CLI failed (one line for our errors, a traceback for bugs); return the exit status."""
+    if isinstance(exc, MpckvError):
+        print(f"mpckv: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        print("mpckv: interrupted", file=sys.stderr)
+        return 130
+    traceback.print_exc()
+    return 1
 
 
 def _joined() -> bool:
@@ -630,12 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return int(args.handler(args))
-    except MpckvError as exc:
-        print(f"mpckv: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mpckv: interrupted", file=sys.stderr)
-        return 130
+    except (MpckvError, KeyboardInterrupt) as exc:
+        return _report_failure(exc)
 
 
 if __name__ == "__main__":

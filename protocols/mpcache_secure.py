@@ -431,15 +431,11 @@ def _public_int(t: torch.Tensor, what: str) -> int:
     return int(vals[0])
 
 
-def _penalise(u: Any, cand: Any) -> Any:
-    """``u`` where ``cand`` (secret bits or public 0/1), ``u − CHILD_PENALTY`` elsewhere — local."""
+def _penalise(u: Any, cand: torch.Tensor) -> Any:
+    """``u`` where the public 0/1 ``cand`` is 1, ``u − CHILD_PENALTY`` elsewhere — local."""
     p = int(CHILD_PENALTY * 2 ** _precision())
     out = u.clone()
-    if is_secret(cand):
-        out.share = u.share + cand.share * p
-        out.share = _add_public(out.share, torch.full_like(u.share, -p))
-    else:
-        out.share = _add_public(u.share, (cand.long() - 1) * p)
+    out.share = _add_public(u.share, (cand.long() - 1) * p)
     return out
 
 
@@ -478,11 +474,9 @@ def _public_onehot(bits: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-def _children(bits: Any, branch: int, c_next: int) -> Any:
-    """Child mask ``[1, Hk, c_next]`` of selected parents (local, secret or public)."""
-    if not is_secret(bits):
-        return bits.repeat_interleave(branch, dim=-1)[..., :c_next]
-    return _from_share(bits.share.repeat_interleave(branch, dim=-1)[..., :c_next].contiguous(), 0)
+def _children(bits: torch.Tensor, branch: int, c_next: int) -> torch.Tensor:
+    """Public child mask ``[1, Hk, c_next]`` of publicly selected parents."""
+    return bits.repeat_interleave(branch, dim=-1)[..., :c_next]
 
 
 def _child_candidates(u: Any, prev: LevelChoice, branch: int, c: int) -> tuple[Any, Any]:
@@ -543,7 +537,8 @@ def select_clusters(method: MPCache, ctx: DecodeContext) -> ClusterChoice | None
         g = q.shape[1] // hk
         qg = q.reshape(1, hk, g, q.shape[-1])
         levels: list[LevelChoice] = []
-        cand: Any = None  # candidate clusters of this level: None = all, else public / secret 0/1
+        cand: torch.Tensor | None = None  # public candidate mask of this level (None: every cluster)
+        secret_parents = False  # the previous level picked secretly: candidates are its picks' children
         n_cand = 0
         for lvl, s in enumerate(sizes):
             c = _public_int(n_valid[lvl], "cluster count")
@@ -559,7 +554,7 @@ def select_clusters(method: MPCache, ctx: DecodeContext) -> ClusterChoice | None
             kk = min(max(k, nf), n_cand)
             k_mid, n_mid = kk - nf, c - nf
             mid_bits: Any
-            public = None if is_secret(cand) else _public_mid(cand, hk, c)
+            public = None if secret_parents else _public_mid(cand, hk, c)
             if k_mid == 0:
                 onehot, mid_bits = None, torch.zeros(1, hk, max(n_mid, 0), dtype=torch.long)
             elif public is not None and bool((public.sum(-1) <= k_mid).all()):
@@ -571,7 +566,7 @@ def select_clusters(method: MPCache, ctx: DecodeContext) -> ClusterChoice | None
                     u = tree_max(u, dim=2) if method.group_reduce == "max" else u.sum(2)
                 else:
                     u = u.squeeze(2)
-                if is_secret(cand) and levels[-1].onehot is not None:
+                if secret_parents:
                     branch = sizes[lvl - 1] // s
                     cand_u, to_mid = _child_candidates(u, levels[-1], branch, c)
                     picks = secure_topk(cand_u, k_mid, network=method.topk_network)
@@ -585,7 +580,9 @@ def select_clusters(method: MPCache, ctx: DecodeContext) -> ClusterChoice | None
             bits = _level_bits(c, mid_bits, hk)
             levels.append(LevelChoice(size=s, clusters=c, k_mid=k_mid, onehot=onehot, bits=bits))
             if lvl + 1 < len(sizes):
-                cand = _children(bits, s // sizes[lvl + 1], _public_int(n_valid[lvl + 1], "cluster count"))
+                secret_parents = is_secret(bits)
+                c_next = _public_int(n_valid[lvl + 1], "cluster count")
+                cand = None if secret_parents else _children(bits, s // sizes[lvl + 1], c_next)
         return ClusterChoice(levels=levels, length=n)
 
 
