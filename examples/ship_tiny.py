@@ -101,11 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     gate_at = float(train_args.get("advance_at") or 0)
     gate = f"gated on exact match ≥ {gate_at} at the previous length" if gate_at > 0 else "time-based"
     loss_ans, loss_ctx = float(last.get("loss_ans", "nan")), float(last.get("loss_ctx", "nan"))
+    threads = int(train_args.get("threads") or 1)
+    late_mix = train_args.get("late_mix")
+    late = ""
+    if late_mix and late_mix != "None":
+        spec, _, at = late_mix.rpartition("@")
+        late = f"; rows of {at} bytes or more: `{spec}`"
+    lo, _, hi = str(train_args.get("ctx_frac") or "0.6:0.6").partition(":")
+    ctx_frac = f"{float(lo):.0%}" if lo == hi else f"a uniform {float(lo):.0%}–{float(hi):.0%}"
     card = f"""# mpckv tiny — model card
 
-A byte-level Llama-architecture model trained from scratch on 2 CPU cores (one training thread) by
-`examples/train_tiny.py`, shipped so that the demo, the evaluation suites and the secure benchmarks run
-with no downloads. `mpckv.load_model("tiny")` loads it.
+A byte-level Llama-architecture model trained from scratch on 2 CPU cores ({threads} training
+thread{"s" if threads != 1 else ""}) by `examples/train_tiny.py`, shipped so that the demo, the
+evaluation suites and the secure benchmarks run with no downloads. `mpckv.load_model("tiny")` loads it.
 
 ## Architecture
 Llama (RMSNorm, RoPE θ={cfg.get("rope_theta")}, SwiGLU, untied head): vocab {cfg["vocab_size"]} (UTF-8 bytes),
@@ -118,8 +126,9 @@ Synthetic long-context tasks from `mpckv.data.synthetic` (passkey, multi-key nee
 among distractors, multi-hop variable tracking, questions over several documents), a random-string copy
 task, and natural text: the Python standard-library sources on the machine (first
 {int(train_args.get("corpus_bytes", 0)):,} bytes; the `ppl` suite evaluates on a later, unseen slice).
-Mix (this stage): `{train_args.get("mix")}`. Dense supervision: a context of ~60% of the sequence
-followed by as many questions as fit; answer bytes weighted ×{train_args.get("answer_weight")}.
+Mix{" (this stage)" if earlier else ""}: `{train_args.get("mix")}`{late}. Dense supervision: a context of
+{ctx_frac} of the sequence followed by as many questions as fit; answer bytes weighted
+×{train_args.get("answer_weight")}.
 
 ## Training
 {earlier}`{command}`

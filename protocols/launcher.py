@@ -35,17 +35,26 @@ import importlib.util
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from mpckv.errors import ConfigError, MpckvError
+from mpckv.protocols.supervisor import (
+    Child,
+    child_death_signal,
+    free_port,
+    notify_on_exit,
+    pump,
+    raise_interrupt,
+    report,
+    stop_all,
+    supervise,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -100,74 +109,6 @@ def _command(argv: Sequence[str], pycall: str | None) -> list[str]:
             "`mpckv launch --parties 2 -- generate --secure --model tiny --prompt Hi`"
         )
     return argv
-
-
-# -------------------------------------------------------------------------------------------- launch
-class _Child:
-    def __init__(self, name: str, proc: subprocess.Popen[bytes]) -> None:
-        self.name = name
-        self.proc = proc
-        self.threads: list[threading.Thread] = []
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _pump(pipe: IO[bytes], prefix: str, out: IO[str], lock: threading.Lock) -> None:
-    """Copy ``pipe`` to ``out`` line by line with ``prefix``; keep draining if ``out`` breaks."""
-    writable = True
-    with contextlib.suppress(OSError, ValueError):
-        for raw in iter(pipe.readline, b""):
-            if not writable:
-                continue  # e.g. `mpckv launch ... | head`: the child must not block on a full pipe
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            try:
-                with lock:
-                    out.write(f"{prefix}{line}\n")
-                    out.flush()
-            except (OSError, ValueError):
-                writable = False
-    with contextlib.suppress(OSError):
-        pipe.close()
-
-
-def _wait(child: _Child, events: queue.Queue[_Child]) -> None:
-    child.proc.wait()
-    events.put(child)
-
-
-def _child_death_signal() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGKILL if the launcher dies, so no party outlives it."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _describe(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"was killed by signal {signal.Signals(-code).name} (exit {code})"
-        return f"was killed by signal {-code}"
-    return f"failed with exit code {code}"
-
-
-def _stop(children: list[_Child], grace_s: float) -> list[str]:
-    """SIGTERM the running children's process groups, SIGKILL what is left after ``grace_s``."""
-    running = [c for c in children if c.proc.poll() is None]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for c in running:
-            if c.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(c.proc.pid, sig)
-        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 10.0)
-        for c in running:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-    return [c.name for c in running]
 
 
 def launch(
@@ -227,17 +168,17 @@ def launch(
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     host = "127.0.0.1"
-    rendezvous = f"tcp://{host}:{port if port is not None else _free_port(host)}"
+    rendezvous = f"tcp://{host}:{port if port is not None else free_port(host)}"
     n_procs = world_size + (1 if ttp else 0)
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     if "OMP_NUM_THREADS" not in child_env:  # do not oversubscribe the cores with n_procs parties
         child_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_procs))
     lock = threading.Lock()
-    children: list[_Child] = []
-    events: queue.Queue[_Child] = queue.Queue()
+    children: list[Child] = []
+    events: queue.Queue[Child] = queue.Queue()
     previous = None
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = signal.signal(signal.SIGTERM, raise_interrupt)
     try:
         for rank in range(n_procs):
             cmd = [sys.executable, "-m", "mpckv.protocols.launcher", "party", "--rank", str(rank)]
@@ -252,89 +193,29 @@ def launch(
                 stderr=subprocess.PIPE,
                 env=child_env,
                 start_new_session=True,
-                preexec_fn=_child_death_signal if sys.platform.startswith("linux") else None,
+                preexec_fn=child_death_signal if sys.platform.startswith("linux") else None,
             )
-            children.append(_Child("dealer" if rank == world_size else f"rank {rank}", proc))
+            children.append(Child("dealer" if rank == world_size else f"rank {rank}", proc))
         for c in children:
             assert c.proc.stdout is not None and c.proc.stderr is not None
             for pipe, stream in ((c.proc.stdout, out), (c.proc.stderr, err)):
                 prefix = f"[{c.name}] "
-                t = threading.Thread(target=_pump, args=(pipe, prefix, stream, lock), daemon=True)
+                t = threading.Thread(target=pump, args=(pipe, prefix, stream, lock), daemon=True)
                 t.start()
                 c.threads.append(t)
-            threading.Thread(target=_wait, args=(c, events), daemon=True).start()
-        return _supervise(children, events, world_size, timeout, grace_s, err, lock)
+            threading.Thread(target=notify_on_exit, args=(c, events), daemon=True).start()
+        return supervise(children, events, world_size, timeout, grace_s, err, lock)
     except KeyboardInterrupt:
-        stopped = _stop(children, grace_s)
-        _report(err, lock, f"interrupted; stopped {', '.join(stopped) or 'nothing'}")
+        stopped = stop_all(children, grace_s)
+        report(err, lock, f"interrupted; stopped {', '.join(stopped) or 'nothing'}")
         return 130
     finally:
-        _stop(children, grace_s)
+        stop_all(children, grace_s)
         for c in children:
             for t in c.threads:
                 t.join(timeout=2.0)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _drain(children: list[_Child], seconds: float = 2.0) -> None:
-    """Let the output of exited children reach the streams, so that our error line comes last."""
-    deadline = time.monotonic() + seconds
-    for c in children:
-        if c.proc.poll() is not None:
-            for t in c.threads:
-                t.join(timeout=max(0.0, deadline - time.monotonic()))
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def _report(err: IO[str], lock: threading.Lock, message: str) -> None:
-    with lock:
-        err.write(f"mpckv: error: {message}\n")
-        err.flush()
-
-
-def _supervise(
-    children: list[_Child],
-    events: queue.Queue[_Child],
-    world_size: int,
-    timeout: float,
-    grace_s: float,
-    err: IO[str],
-    lock: threading.Lock,
-) -> int:
-    deadline = time.monotonic() + timeout
-    parties_left = {c.name for c in children[:world_size]}
-    while parties_left:
-        remaining = deadline - time.monotonic()
-        try:
-            child = events.get(timeout=max(0.0, min(0.5, remaining)))
-        except queue.Empty:
-            if remaining <= 0:
-                stopped = _stop(children, grace_s)
-                _drain(children)
-                _report(err, lock, f"timed out after {timeout:g} s; stopped {', '.join(stopped)}")
-                return 124
-            continue
-        code = int(child.proc.returncode)
-        if code != 0:
-            stopped = _stop(children, grace_s)
-            _drain(children)
-            others = f"; stopped {', '.join(stopped)}" if stopped else ""
-            _report(err, lock, f"{child.name} {_describe(code)}{others}")
-            return code if code > 0 else 128 - code
-        parties_left.discard(child.name)
-    # Every party is done; the dealer leaves on rank 0's "terminate" (crypten.uninit()).
-    for c in children[world_size:]:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            c.proc.wait(timeout=grace_s)
-        if c.proc.returncode not in (None, 0):
-            _drain(children)
-            _report(err, lock, f"{c.name} {_describe(int(c.proc.returncode))}")
-            return int(c.proc.returncode) if c.proc.returncode > 0 else 128 - int(c.proc.returncode)
-    return 0
 
 
 # --------------------------------------------------------------------------------------------- party
