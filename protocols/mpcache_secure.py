@@ -74,8 +74,8 @@ from mpckv.protocols.mpcache_static_secure import (
     apply_static,
     check_context,
     is_persistent,
-    on_prefill,
     static_choice,
+    static_evict,
     static_window_scores,
 )
 from mpckv.protocols.primitives import (
@@ -89,7 +89,7 @@ from mpckv.protocols.primitives import (
 if TYPE_CHECKING:
     from mpckv.plaintext.methods.mpcache import MPCache
 
-__all__ = [  # the static-eviction names are re-exported: MPCache calls on_prefill through this module
+__all__ = [  # the static-eviction names are re-exported: MPCache reaches them through this module
     "CHILD_PENALTY",
     "SECRET_POSITION",
     "ClusterChoice",
@@ -98,11 +98,11 @@ __all__ = [  # the static-eviction names are re-exported: MPCache calls on_prefi
     "apply_static",
     "cluster_gather",
     "gather_clusters",
-    "on_prefill",
     "proxy_vectors",
     "select",
     "select_clusters",
     "static_choice",
+    "static_evict",
     "static_window_scores",
     "tracked_boxes",
 ]

@@ -50,12 +50,11 @@ __all__ = [
     "apply_static",
     "check_context",
     "is_persistent",
-    "on_prefill",
     "static_choice",
+    "static_evict",
     "static_window_scores",
 ]
 
-STATIC_KEY = "mpcache_secure_static"
 SECRET_POSITION = -1
 """Public position metadata of a kept middle prompt token after oblivious compaction (secret position)."""
 
@@ -226,21 +225,9 @@ def _replace_rows(cache: Any, k: Any, v: Any, pos: torch.Tensor) -> None:
     cache.version = version + 1
 
 
-def on_prefill(method: MPCache, ctx: PrefillContext) -> None:
-    """Secure twin of :meth:`MPCache.on_prefill` (static eviction, optionally shared with the leader)."""
-    check_context(method, ctx)
-    if ctx.layer in method.dense_layers:
-        return
-    cache = ctx.cache
-    leader = method.leader_of(ctx.layer, ctx.num_layers) if method.share_static else None
-    if leader is not None:
-        shared = method._slot(ctx, leader).get(STATIC_KEY)
-        if shared is not None:
-            apply_static(cache, shared)
-        ctx.state["mpcache_static_kept"] = cache.lengths.clone()
-        return
+def static_evict(method: MPCache, ctx: PrefillContext) -> StaticChoice | None:
+    """Secure twin of :meth:`MPCache.static_evict`: choose the kept set, compact, return the choice."""
     choice = static_choice(method, ctx)
     if choice is not None:
-        apply_static(cache, choice)
-    method._slot(ctx, ctx.layer)[STATIC_KEY] = choice
-    ctx.state["mpcache_static_kept"] = cache.lengths.clone()
+        apply_static(ctx.cache, choice)
+    return choice

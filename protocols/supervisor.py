@@ -24,6 +24,7 @@ __all__ = [
     "child_death_signal",
     "describe",
     "drain",
+    "exit_status",
     "free_port",
     "pump",
     "raise_interrupt",
@@ -76,6 +77,11 @@ def child_death_signal() -> None:  # pragma: no cover - runs in the child before
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def exit_status(code: int) -> int:
+    """The shell's status for a child's return code: itself, or 128 + N when killed by signal N."""
+    return code if code > 0 else 128 - code
 
 
 def describe(code: int) -> str:
@@ -148,14 +154,15 @@ def supervise(
             drain(children)
             others = f"; stopped {', '.join(stopped)}" if stopped else ""
             report(err, lock, f"{child.name} {describe(code)}{others}")
-            return code if code > 0 else 128 - code
+            return exit_status(code)
         parties_left.discard(child.name)
     # Every party is done; the dealer leaves on rank 0's "terminate" (crypten.uninit()).
     for c in children[world_size:]:
         with contextlib.suppress(subprocess.TimeoutExpired):
             c.proc.wait(timeout=grace_s)
         if c.proc.returncode not in (None, 0):
+            code = int(c.proc.returncode)
             drain(children)
-            report(err, lock, f"{c.name} {describe(int(c.proc.returncode))}")
-            return int(c.proc.returncode) if c.proc.returncode > 0 else 128 - int(c.proc.returncode)
+            report(err, lock, f"{c.name} {describe(code)}")
+            return exit_status(code)
     return 0

@@ -216,21 +216,27 @@ class MPCache(KVMethod):
 
     # ------------------------------------------------------------------ static eviction
     def on_prefill(self, ctx: PrefillContext) -> None:
-        if ctx.xp is not None and ctx.xp.secure:  # secret indices: mpckv.protocols.mpcache_secure
-            _secure().on_prefill(self, ctx)
-            return
+        """Static eviction once per layer; a follower layer (``share_static``) reuses its leader's choice.
+
+        Under MPC the choice and the compaction are the secure twins in
+        :mod:`mpckv.protocols.mpcache_static_secure` (secret indices); the sharing logic is this one.
+        """
+        secure = ctx.xp is not None and ctx.xp.secure
+        if secure:
+            _secure().check_context(self, ctx)
         if ctx.layer in self.dense_layers:
             return
         cache = ctx.cache
         leader = self.leader_of(ctx.layer, ctx.num_layers) if self.share_static else None
         if leader is not None:
             shared = self._slot(ctx, leader).get(_SHARED_STATIC)
-            if shared is not None:
+            if shared is not None and secure:
+                _secure().apply_static(cache, shared)
+            elif shared is not None:
                 cache.compact(*shared)
-            ctx.state["mpcache_static_kept"] = cache.lengths.clone()
-            return
-        kept = self.static_evict(ctx)
-        self._slot(ctx, ctx.layer)[_SHARED_STATIC] = kept
+        else:
+            kept = _secure().static_evict(self, ctx) if secure else self.static_evict(ctx)
+            self._slot(ctx, ctx.layer)[_SHARED_STATIC] = kept
         ctx.state["mpcache_static_kept"] = cache.lengths.clone()
 
     def static_evict(self, ctx: PrefillContext) -> tuple[torch.Tensor, torch.Tensor] | None:
