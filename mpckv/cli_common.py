@@ -83,14 +83,77 @@ def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
         return str(args.prompt)
     if args.prompt_file == "-":
-        return sys.stdin.read()
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        if isinstance(data, str):
+            return data
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"cannot read the prompt from stdin: {exc}") from None
     path = Path(args.prompt_file).expanduser()
     if not path.is_file():
         raise UsageError(f"prompt file {path} does not exist or is not a file")
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read prompt file {path}: {exc}") from exc
+        raise UsageError(f"cannot read prompt file {path}: {exc}") from None
+
+
+def check_budget_applies(method: str, budget: Any) -> None:
+    """Refuse ``--budget`` for a method (or composition) whose every part ignores it (``dense``)."""
+    if budget is None:
+        return
+    from mpckv.registry import method_class
+
+    parts = [p.strip() for p in method.split("+")]
+    if all(getattr(method_class(p), "family", "") == "baseline" for p in parts):
+        raise UsageError(
+            f"--budget has no effect with --method {method} (it keeps every KV entry); "
+            "drop --budget or choose a compressing method (see `mpckv methods`)"
+        )
+
+
+def model_positions(model: str) -> tuple[int, bool] | None:
+    """``(max_position_embeddings, byte_tokenizer)`` read from a checkpoint's config.json, cheaply.
+
+    ``None`` when the model is not a local directory with a config.json (a named model, a GGUF file):
+    the engine still refuses over-long runs, only later.
+    """
+    from pathlib import Path
+
+    from mpckv.config import ModelConfig
+
+    try:
+        from mpckv.checkpoint import _resolve_dir
+
+        root = _resolve_dir(model)
+    except MpckvError:
+        return None
+    if not (Path(root) / "config.json").is_file():
+        return None
+    config = ModelConfig.from_file(Path(root) / "config.json")
+    return config.max_position_embeddings, not (Path(root) / "tokenizer.json").exists()
+
+
+#: A token is at most this many bytes of text for any tokenizer we load (a loose bound, for refusing
+#: absurd ``--lengths`` up front; the engine checks the exact token count).
+MAX_BYTES_PER_TOKEN = 16
+
+
+def check_eval_lengths(model: str, lengths: Sequence[int]) -> None:
+    """Refuse eval prompt lengths (bytes) that cannot fit the model's positions, before any model work."""
+    info = model_positions(model)
+    if info is None:
+        return
+    positions, byte_level = info
+    limit = positions if byte_level else positions * MAX_BYTES_PER_TOKEN
+    bad = [n for n in lengths if n > limit]
+    if bad:
+        why = "one token per byte" if byte_level else f"at most {MAX_BYTES_PER_TOKEN} bytes per token"
+        raise UsageError(
+            f"--lengths {','.join(map(str, bad))} exceed what model {model} can hold: "
+            f"{positions} positions ({why}, so at most {limit} bytes)"
+        )
 
 
 def _fmt_bytes(n: float) -> str:

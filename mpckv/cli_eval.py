@@ -23,19 +23,24 @@ def _max_new_tokens(text: str) -> int | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate methods × budgets on synthetic long-context suites and held-out perplexity.
+    """Evaluate methods × budgets on long-context suites and held-out perplexity.
 
+    Real models (a subword tokenizer) get RULER-style tasks on natural prose, rendered with the chat
+    template and sized in prompt tokens; the byte-level tiny model gets its byte-sized synthetic tasks.
+    Each sample is prefilled densely once and every method and budget replays its prefill hooks on it.
     Writes OUT/results.json, OUT/results.md, OUT/predictions.jsonl, OUT/meta.json and OUT/plot_<suite>.png;
     cells already in OUT/results.json (same suite, length, method, budget, mode, n, seed, model and
-    parameters) are skipped.
+    parameters) are skipped, and the finished sample batches of an interrupted run (OUT/partial.jsonl)
+    are reused.
     """
     from mpckv.evals.config import EvalConfig, parse_method_params, parse_methods
     from mpckv.evals.runner import META, run_eval
 
     methods = parse_methods(args.methods)
+    out_dir = args.out if args.out is not None else str(Path("eval-runs") / Path(str(args.model)).name)
     cfg = EvalConfig(
         model=args.model,
-        out=args.out,
+        out=out_dir,
         suites=args.suite,
         lengths=args.lengths,
         methods=methods,
@@ -51,6 +56,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
     )
     cfg.command = cfg.command_line()
+    from mpckv.cli_common import check_eval_lengths
+
+    check_eval_lengths(str(cfg.model), cfg.lengths)  # before any model work (issue 16, cases 8-9)
     records = run_eval(cfg, progress=not args.no_progress, plots=not args.no_plots)
     out = Path(cfg.out).expanduser()
     runs = json.loads((out / META).read_text(encoding="utf-8"))["runs"]
@@ -71,7 +79,8 @@ def _add_eval_common(p: argparse.ArgumentParser) -> None:
         "--budgets",
         default="0.05,0.1,0.2",
         metavar="LIST",
-        help="comma-separated ratios in (0, 1] or token counts (default: 0.05,0.1,0.2); dense runs once",
+        help="comma-separated budgets, the rule of `generate --budget`: ratios with a point or %% "
+        "(0.1, 10%%, 1.0 = all), token counts without (256) (default: 0.05,0.1,0.2); dense runs once",
     )
     p.add_argument(
         "--param",
@@ -99,9 +108,18 @@ def _add_eval(sub: Any) -> None:
         help="comma-separated: passkey,needle,kv_retrieval,multihop,docqa,ppl (default: all)",
     )
     p.add_argument(
-        "--lengths", default="1024,2048", metavar="LIST", help="prompt lengths in bytes (default: 1024,2048)"
+        "--lengths",
+        default="1024,2048",
+        metavar="LIST",
+        help="prompt lengths in tokens of the model's tokenizer, chat template included (bytes for the "
+        "byte-level tiny model) (default: 1024,2048)",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (reruns skip done cells)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output directory; reruns skip done cells (default: eval-runs/<model name>)",
+    )
     p.add_argument("--n", type=int, default=20, metavar="N", help="samples per cell (default: 20)")
     p.add_argument(
         "--mode",
@@ -116,7 +134,13 @@ def _add_eval(sub: Any) -> None:
         metavar="N|auto",
         help="answer tokens to generate (default: auto = longest answer + 2)",
     )
-    p.add_argument("--batch-size", type=_non_negative_int, default=0, metavar="B", help="0 = all n at once")
+    p.add_argument(
+        "--batch-size",
+        type=_non_negative_int,
+        default=None,
+        metavar="B",
+        help="samples per prefill; 0 = all n at once (default: all n for byte-level models, 4 otherwise)",
+    )
     p.add_argument(
         "--ppl-tokens", type=int, default=128, metavar="T", help="scored tokens after each ppl context"
     )
@@ -183,7 +207,11 @@ def _add_fidelity(sub: Any) -> None:
     src.add_argument("--prompt-file", metavar="FILE", help="UTF-8 prompt file ('-' for stdin)")
     src.add_argument("--synthetic", metavar="SUITE", help="generated prompts: passkey, needle, ..., ppl")
     p.add_argument(
-        "--length", type=int, default=1024, metavar="N", help="synthetic prompt bytes (default: 1024)"
+        "--length",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="synthetic prompt tokens (bytes for the byte-level tiny model) (default: 1024)",
     )
     p.add_argument("--n", type=int, default=1, metavar="N", help="synthetic prompts (default: 1)")
     p.add_argument("--steps", type=int, default=32, metavar="S", help="compared positions (default: 32)")
@@ -233,7 +261,7 @@ def _add_report(sub: Any) -> None:
         "--fidelity", nargs="*", default=[], metavar="FILE", help="JSON files of mpckv fidelity --out"
     )
     p.add_argument(
-        "--bench", nargs="*", default=[], metavar="FILE", help="JSON files of mpckv bench secure --json"
+        "--bench", nargs="*", default=[], metavar="FILE", help="JSON of mpckv bench secure/plaintext"
     )
     p.add_argument(
         "--notes", default=None, metavar="FILE", help="markdown placed under the title (e.g. bench commands)"

@@ -19,6 +19,63 @@ from typing import Any
 from mpckv.cli_common import UsageError, _jsonable
 
 
+def check_secure_support(method: str) -> None:
+    """Refuse a method, or a composition with any part, that does not run under MPC (one line)."""
+    from mpckv.errors import ConfigError
+    from mpckv.registry import method_class
+
+    for part in (p.strip() for p in method.split("+")):
+        support = getattr(method_class(part), "secure", "no")
+        if support != "yes":
+            where = f" (part of {method!r})" if part != method else ""
+            raise ConfigError(
+                f"method {part!r}{where} does not run under MPC yet (secure support: {support}); "
+                "`mpckv methods` lists the ones marked secure=yes"
+            )
+
+
+def check_secure_generate(args: argparse.Namespace) -> None:
+    """Every check of ``generate --secure`` that needs no MPC: run before any party starts work.
+
+    Called by ``generate --secure`` itself and, before starting or joining parties, by ``mpckv launch``
+    and ``mpckv party`` (see :func:`precheck_argv`), so that a bad request fails once, in one line.
+    """
+    from mpckv.budget import Budget
+    from mpckv.cli_common import check_budget_applies, parse_params
+    from mpckv.errors import ConfigError
+    from mpckv.io import check_writable
+    from mpckv.registry import get_method
+
+    check_secure_support(args.method)
+    budget = Budget.parse(args.budget) if args.budget is not None else None
+    check_budget_applies(args.method, budget)
+    get_method(args.method, budget=budget, **parse_params(args.param))
+    if args.temperature != 0.0 or args.top_k or args.top_p != 1.0:
+        raise ConfigError("secure generation is greedy only (no --temperature/--top-k/--top-p)")
+    if args.dtype != "float32" or args.device != "cpu":
+        raise ConfigError("secure generation runs in fixed point on the CPU (no --dtype/--device)")
+    if args.out is not None:
+        check_writable(args.out, "--out")
+
+
+def precheck_argv(argv: list[str]) -> None:
+    """Validate an mpckv command line that parties will run, before any party process starts.
+
+    Only ``generate --secure`` has checks here today; usage errors of any subcommand are reported as the
+    CLI would (:class:`UsageError`, one line).
+    """
+    if not argv or argv[0] != "generate" or "--secure" not in argv:
+        return
+    from mpckv.cli import build_parser
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:
+        raise UsageError(f"invalid command for the parties: mpckv {' '.join(argv)}") from None
+    check_secure_generate(args)
+
+
 def generate_secure(args: argparse.Namespace, prompt: str, budget: Any, params: dict[str, Any]) -> int:
     """The body of ``generate --secure`` inside one launched party."""
     from mpckv.config import ModelConfig
@@ -29,7 +86,6 @@ def generate_secure(args: argparse.Namespace, prompt: str, budget: Any, params: 
         require_parties,
         run_to_json,
         secure_generate,
-        write_output,
     )
     from mpckv.tokenizer import load_tokenizer
 
@@ -59,7 +115,10 @@ def generate_secure(args: argparse.Namespace, prompt: str, budget: Any, params: 
         args.method,
         _jsonable(budget.value) if budget is not None else None,
     )
-    write_output(payload, args.out)
+    if args.out:
+        from mpckv.io import write_json_atomic
+
+        write_json_atomic(args.out, payload, "--out")
     if args.json:
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
     else:
@@ -86,16 +145,18 @@ def _int_list(text: str) -> list[int]:
 
 def cmd_bench_secure(args: argparse.Namespace) -> int:
     """Per-token secure decode cost (bytes, rounds, modelled LAN/WAN and wall time) across local parties."""
-    from mpckv.errors import ConfigError
+    from mpckv.budget import Budget
+    from mpckv.io import check_writable
     from mpckv.protocols.bench_secure import format_table, run_bench
-    from mpckv.registry import method_class
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
-        cls = method_class(m)
-        support = getattr(cls, "secure", "no")
-        if support != "yes":
-            raise ConfigError(f"method {m!r} does not run under MPC yet (secure support: {support})")
+        check_secure_support(m)
+    budget = Budget.parse(args.budget)
+    if budget.kind not in ("ratio", "tokens"):
+        raise UsageError(f"bench secure --budget takes one ratio or token count, got {args.budget!r}")
+    if args.json:
+        check_writable(args.json, "--json")
     from mpckv.evals.config import parse_method_params
 
     per_method = parse_method_params(args.param, methods)
@@ -107,7 +168,7 @@ def cmd_bench_secure(args: argparse.Namespace) -> int:
         protocol=args.protocol,
         ttp=args.ttp,
         steps=args.steps,
-        budget=args.budget,
+        budget=budget.value,
         params=per_method,
         prefill_lengths=_int_list(args.prefill_lengths) if args.prefill_lengths else [],
         kv_caches=_kv_caches(args.kv_cache),
@@ -153,7 +214,11 @@ def add_mpc_commands(sub: Any) -> None:
     p.add_argument("--protocol", default="beaver", choices=["beaver", "replicated"])
     p.add_argument("--ttp", action="store_true", help="use a dealer process (offline traffic counted)")
     p.add_argument("--steps", type=int, default=2, help="decode steps measured per cell (default 2)")
-    p.add_argument("--budget", type=float, default=0.1, help="budget for non-dense methods (default 0.1)")
+    p.add_argument(
+        "--budget",
+        default="0.1",
+        help="budget for non-dense methods (the rule of `generate --budget`; default 0.1)",
+    )
     p.add_argument("--param", action="append", default=[], metavar="METHOD.KEY=VALUE")
     p.add_argument(
         "--kv-cache",
@@ -162,3 +227,9 @@ def add_mpc_commands(sub: Any) -> None:
     )
     p.add_argument("--json", metavar="FILE", help="write the records to this JSON file")
     p.set_defaults(handler=cmd_bench_secure)
+    from mpckv.benches.cli import add_plaintext_parser
+
+    add_plaintext_parser(kinds)
+    from mpckv.plaintext.fusion.cli import add_fusion_parser
+
+    add_fusion_parser(kinds)

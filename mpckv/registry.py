@@ -30,6 +30,8 @@ class MethodInfo:
     paper: str
     secure: str
     summary: str
+    #: Why a method has no secure path yet (or what its secure path reveals); one line.
+    secure_note: str = ""
 
 
 def register_method(name: str) -> Callable[[T], T]:
@@ -73,31 +75,45 @@ def method_class(name: str) -> type:
         ) from None
 
 
-def get_method(name: str, **params: Any) -> Any:
+def method_parameters(cls: type) -> list[str]:
+    """The hyper-parameters a method class takes (``init`` dataclass fields; class metadata excluded)."""
+    from mpckv.plaintext.methods.params import hyper_parameters
+
+    return list(hyper_parameters(cls))
+
+
+def get_method(name: str, /, **params: Any) -> Any:
     """Instantiate a registered method. ``"a+b"`` composes methods (same ``params`` for each part
-    unless a part does not take a parameter)."""
+    unless a part does not take a parameter).
+
+    Every value is checked against the method's field types and declared ranges
+    (:mod:`mpckv.plaintext.methods.params`), for every part of a composition.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"a method name must be a non-empty string, got {name!r}")
     parts = [p.strip() for p in name.split("+")]
     if len(parts) > 1:
         from mpckv.plaintext.methods.compose import Composed
 
-        accepted = {f for p in parts for f in getattr(method_class(p), "__dataclass_fields__", {})}
+        accepted = {f for p in parts for f in method_parameters(method_class(p))}
         unknown = [k for k in params if k not in accepted]
         if unknown:
-            raise ConfigError(f"no part of {name!r} takes parameter(s) {unknown}")
+            raise ConfigError(
+                f"no part of {name!r} takes parameter(s) {unknown}; they take {sorted(accepted)}"
+            )
         return Composed([_build(p, params, lenient=True) for p in parts])
     return _build(parts[0], params, lenient=False)
 
 
 def _build(name: str, params: dict[str, Any], lenient: bool) -> Any:
     cls = method_class(name)
-    fields = getattr(cls, "__dataclass_fields__", {})
+    fields = method_parameters(cls)
     unknown = [k for k in params if k not in fields]
     if unknown and not lenient:
-        takes = sorted(f for f in fields if f[0] != "_")
-        raise ConfigError(f"method {name!r} has no parameter(s) {unknown}; it takes {takes}")
+        raise ConfigError(f"method {name!r} has no parameter(s) {unknown}; it takes {sorted(fields)}")
     try:
         return cls(**{k: v for k, v in params.items() if k in fields})
-    except TypeError as exc:
+    except TypeError as exc:  # a plugin whose __init__ differs from its fields
         raise ConfigError(f"bad parameters for method {name!r}: {exc}") from exc
 
 
@@ -114,6 +130,21 @@ def list_methods() -> list[MethodInfo]:
                 paper=getattr(cls, "paper", ""),
                 secure=getattr(cls, "secure", "no"),
                 summary=doc[0] if doc else "",
+                secure_note=_secure_note(cls),
             )
         )
     return out
+
+
+_DEFAULT_NOTES = {
+    "planned": "no secure path yet: its scores would run on shares, but the secure top-k / compaction "
+    "for it is not written",
+    "no": "has no secure path",
+}
+
+
+def _secure_note(cls: type) -> str:
+    note = str(getattr(cls, "secure_note", "") or "")
+    if note:
+        return note
+    return _DEFAULT_NOTES.get(str(getattr(cls, "secure", "no")), "")

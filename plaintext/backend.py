@@ -9,13 +9,45 @@ additive mask is a large constant that breaks fixed-point arithmetic under MPC.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import numbers
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from mpckv.errors import ShapeError
+
+
+def check_device(device: Any) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device`` → ``torch.device``, else ``ConfigError``.
+
+    Refuses device types the engine does not run on (``"tpu"``, ``"mps"``, ...) and CUDA when it is not
+    available, with one actionable line instead of a torch ``RuntimeError``.
+    """
+    from mpckv.errors import ConfigError
+
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(str(device))
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {device!r} does not exist ({torch.cuda.device_count()} CUDA device(s) visible)"
+            )
+    return dev
+
+
+def _is_token(x: Any) -> bool:
+    """An integer token id: a Python / NumPy integer or a 0-d integer tensor (bools are not)."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and not (x.dtype.is_floating_point or x.is_complex() or x.dtype == torch.bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 class Backend(Protocol):
@@ -125,8 +157,18 @@ class TorchBackend:
         return x.float()
 
     def prepare_input(self, input_ids: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad a list of token lists (or accept ``[B, T]``) → ids ``[B, T]``, lengths ``[B]``."""
+        """Right-pad a list of token lists (or accept ``[B, T]``) → ids ``[B, T]``, lengths ``[B]``.
+
+        Raises :class:`ShapeError` for anything but integer token ids (text, floats, bools, nesting).
+        """
+        if isinstance(input_ids, str | bytes):
+            raise ShapeError(
+                "input_ids must be token ids, not text; encode the prompt first, e.g. "
+                "mpckv.tokenizer.load_tokenizer(model.source, model.config.vocab_size).encode(text)"
+            )
         if isinstance(input_ids, torch.Tensor):
+            if input_ids.dtype.is_floating_point or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise ShapeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]
             if input_ids.dim() != 2 or input_ids.shape[1] == 0:
@@ -134,10 +176,21 @@ class TorchBackend:
             b, t = input_ids.shape
             lengths = torch.full((b,), t, dtype=torch.long, device=device)
             return input_ids.to(device=device, dtype=torch.long), lengths
-        seqs = list(input_ids)
-        if seqs and all(isinstance(x, int) for x in seqs):
-            seqs = [seqs]
-        seqs = [list(map(int, s)) for s in seqs]
+        try:
+            seqs = list(input_ids)
+        except TypeError:
+            raise ShapeError(
+                f"input_ids must be a list of token ids or of token-id lists, got {type(input_ids).__name__}"
+            ) from None
+        if seqs and not any(isinstance(x, Sequence | torch.Tensor) and not _is_token(x) for x in seqs):
+            seqs = [seqs]  # one flat prompt (its entries are checked below)
+        for i, seq in enumerate(seqs):
+            if isinstance(seq, str | bytes) or not isinstance(seq, Sequence | torch.Tensor):
+                raise ShapeError(f"prompt {i} must be a list of token ids, got {type(seq).__name__}")
+            bad = next((x for x in seq if not _is_token(x)), None)
+            if bad is not None or any(isinstance(x, torch.Tensor) and x.dim() for x in seq):
+                raise ShapeError(f"token ids must be integers; prompt {i} contains {bad!r}")
+        seqs = [[int(x) for x in s] for s in seqs]
         if not seqs or any(len(s) == 0 for s in seqs):
             raise ShapeError("every prompt needs at least one token")
         t = max(len(s) for s in seqs)
@@ -186,10 +239,30 @@ class TorchBackend:
 
         return cache_attention(q, k, v, lengths, scale, keep, return_probs)
 
+    def sparse_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        index: torch.Tensor,
+        counts: torch.Tensor,
+        scale: float,
+        keep: torch.Tensor | None,
+        return_probs: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode attention over the cache rows ``index [B, Hk, K]`` (valid: the first ``counts``) without
+        materialising the gather on CUDA (:mod:`mpckv.kernels.sparse_attention`)."""
+        from mpckv.kernels.sparse_attention import sparse_decode_attention
+
+        return sparse_decode_attention(
+            q, k, v, index, counts, scale=scale, keep=keep, return_probs=return_probs
+        )
+
     def take_rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Gather ``x [B, Hk, L, d]`` at ``index [B, Hk, K]`` along the entry axis."""
-        b, hk, kk = index.shape
-        return torch.gather(x, 2, index[..., None].expand(b, hk, kk, x.shape[-1]))
+        """Gather ``x [B, Hk, L, d]`` at ``index [B, Hk, K]`` along the entry axis (whole-row copies)."""
+        from mpckv.kernels.sparse_attention import gather_rows
+
+        return gather_rows(x, index)
 
     def last_hidden(self, hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Hidden state of each sequence's last real token: ``[B, T, D]`` → ``[B, D]``."""

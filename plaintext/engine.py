@@ -15,10 +15,12 @@ from typing import Any
 import torch
 
 from mpckv.errors import ConfigError, ShapeError
+from mpckv.kernels.sparse_attention import fused_sparse_available
 from mpckv.plaintext.kv_cache import KVCache
 from mpckv.plaintext.methods.base import DecodeContext, KVMethod, PrefillContext, Selection
 from mpckv.plaintext.model import LlamaModel
 from mpckv.plaintext.sampling import SamplingConfig
+from mpckv.plaintext.timing import PhaseTimer, span
 
 
 @dataclass
@@ -34,6 +36,32 @@ class Session:
     read_sums: list[float] = field(default_factory=list)  # per layer, summed mean read entries per step
     peak_cache_bytes: int = 0
     dense_lengths: torch.Tensor | None = None  # [B] what a dense cache would hold now
+
+
+@dataclass
+class PrefillRecord:
+    """One dense prefill, recorded so that several methods can replay their prefill hooks on it.
+
+    Eviction at prefill runs *after* each layer's dense attention, so it never changes the hidden states:
+    the per-layer prompt K/V, the prompt queries the hooks see and the final logits are the same for every
+    method that does not declare :attr:`~mpckv.plaintext.methods.base.KVMethod.changes_prefill`.
+    :meth:`Engine.prefill_from` rebuilds a fresh cache from ``keys``/``values`` and replays the method's
+    ``on_prefill`` hooks layer by layer, which gives the same session as :meth:`Engine.prefill`.
+
+    Memory: ``keys``/``values`` are a dense cache; ``queries`` are ``num_attention_heads / num_kv_heads``
+    times larger (all layers; ~0.7 GB for 8K tokens of a 0.5B model in fp32). Keep one record at a time.
+    """
+
+    lengths: torch.Tensor  # [B] prompt lengths
+    keys: list[torch.Tensor]  # per layer [B, Hk, T, d] (right padded)
+    values: list[torch.Tensor]  # per layer [B, Hk, T, d]
+    queries: list[torch.Tensor]  # per layer [B, H, T, d] post-RoPE
+    logits: torch.Tensor  # [B, V] next-token logits after the prompt
+    seconds: float = 0.0  # wall time of the recorded prefill
+
+    @property
+    def batch(self) -> int:
+        return int(self.lengths.shape[0])
 
 
 @dataclass
@@ -92,6 +120,8 @@ class Engine:
             raise ConfigError(f"method must be a name or a KVMethod, got {type(method).__name__}")
         method.check(model.config)
         self.method = method
+        #: Optional :class:`~mpckv.plaintext.timing.PhaseTimer` (``mpckv bench plaintext``); None = no timing.
+        self.timers: PhaseTimer | None = None
 
     @property
     def method_label(self) -> str:
@@ -104,6 +134,7 @@ class Engine:
         model, cfg, xp = self.model, self.model.config, self.model.xp
         ids, lengths = xp.prepare_input(input_ids, model.device)
         b, t = ids.shape[0], ids.shape[1]
+        check_positions(cfg, t, 0)
         cache = xp.new_cache(
             cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device
         )
@@ -136,6 +167,79 @@ class Engine:
             dense_lengths=lengths.clone(),
         )
 
+    @torch.no_grad()
+    def record_prefill(self, input_ids: Any) -> PrefillRecord:
+        """Run the prompt(s) densely, without the method, and keep what :meth:`prefill_from` replays."""
+        model, cfg, xp = self.model, self.model.config, self.model.xp
+        if xp.secure:
+            raise ConfigError("recorded prefills are plaintext only; use Engine.prefill under MPC")
+        t0 = time.perf_counter()
+        ids, lengths = xp.prepare_input(input_ids, model.device)
+        b, t = ids.shape[0], ids.shape[1]
+        check_positions(cfg, t, 0)
+        positions = torch.arange(t, device=model.device).expand(b, t)
+        keys, values, queries = [], [], []
+        hidden = model.embed(ids)
+        for layer in range(cfg.num_hidden_layers):
+            q, k, v = model.qkv(layer, hidden, positions)
+            attn = xp.prefill_attention(q, k, v, lengths, model.scale, cfg.sliding_window)
+            keys.append(k)
+            values.append(v)
+            queries.append(q)
+            hidden = model.finish_layer(layer, hidden, attn)
+        logits = model.logits(xp.last_hidden(hidden, lengths)[:, None])[:, 0]
+        _sync(model.device)
+        return PrefillRecord(lengths, keys, values, queries, logits, time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def prefill_from(self, record: PrefillRecord) -> Session:
+        """The session :meth:`prefill` would return, built from a recorded dense prefill.
+
+        The record is not modified (each call writes a fresh cache and hands the hooks a copy of the
+        queries), so one record serves every method and budget of a sample batch. Methods that declare
+        ``changes_prefill`` are refused: they need their own :meth:`prefill`.
+        """
+        model, cfg, xp = self.model, self.model.config, self.model.xp
+        if getattr(self.method, "changes_prefill", False):
+            raise ConfigError(
+                f"method {self.method_label!r} changes the prefill forward; run Engine.prefill instead"
+            )
+        if len(record.keys) != cfg.num_hidden_layers:
+            raise ShapeError(f"the record has {len(record.keys)} layers, the model {cfg.num_hidden_layers}")
+        lengths = record.lengths
+        b, t = record.keys[0].shape[0], record.keys[0].shape[2]
+        cache = xp.new_cache(
+            cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim, model.dtype, model.device
+        )
+        states: list[dict[str, Any]] = [{} for _ in range(cfg.num_hidden_layers)]
+        positions = torch.arange(t, device=model.device).expand(b, t)
+        for layer in range(cfg.num_hidden_layers):
+            cache[layer].append(record.keys[layer], record.values[layer], positions, counts=lengths)
+            ctx = PrefillContext(
+                layer,
+                cfg,
+                cache[layer],
+                record.queries[layer].clone(),
+                lengths,
+                model.scale,
+                states[layer],
+                model.inv_freq,
+                states,
+                xp,
+            )
+            with xp.scope(phase="method", layer=layer):
+                self.method.on_prefill(ctx)
+        return Session(
+            cache=cache,
+            positions=lengths.clone(),
+            prompt_lengths=lengths.clone(),
+            states=states,
+            logits=record.logits.clone(),
+            read_sums=[0.0] * cfg.num_hidden_layers,
+            peak_cache_bytes=cache.nbytes(),
+            dense_lengths=lengths.clone(),
+        )
+
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
     def decode(self, session: Session, tokens: torch.Tensor) -> torch.Tensor:
@@ -146,13 +250,23 @@ class Engine:
             tokens = torch.as_tensor(tokens, device=model.device).reshape(-1)
         if tokens.shape[0] != b:
             raise ShapeError(f"decode expects one token per sequence ({b}), got {tokens.shape[0]}")
+        if isinstance(tokens, torch.Tensor) and (
+            tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex()
+        ):
+            raise ShapeError(f"decode expects integer token ids, got dtype {tokens.dtype}")
         pos = session.positions
+        if int(pos.max()) >= cfg.max_position_embeddings:
+            raise ConfigError(
+                f"cannot decode at position {int(pos.max())}: the model has "
+                f"{cfg.max_position_embeddings} positions (max_position_embeddings)"
+            )
         xp = model.xp
-        with xp.scope(phase="decode"):
+        tm = self.timers
+        with xp.scope(phase="decode"), span(tm, "head"):
             hidden = model.embed(tokens.unsqueeze(1))
         for layer in range(cfg.num_hidden_layers):
             lc = session.cache[layer]
-            with xp.scope(phase="decode", layer=layer):
+            with xp.scope(phase="decode", layer=layer), span(tm, "qkv"):
                 q, k, v = model.qkv(layer, hidden, pos[:, None])
             ctx = DecodeContext(
                 layer,
@@ -167,18 +281,22 @@ class Engine:
                 xp,
             )
             with xp.scope(phase="selection", layer=layer):
-                self.method.before_append(ctx)
-                lc.append(k, v, pos[:, None])
-                sel = self.method.select(ctx)
+                with span(tm, "method"):
+                    self.method.before_append(ctx)
+                with span(tm, "append"):
+                    lc.append(k, v, pos[:, None])
+                with span(tm, "method"):
+                    sel = self.method.select(ctx)
             with xp.scope(phase="decode", layer=layer):
                 out = self._attend(ctx, sel, session, layer)
-                hidden = model.finish_layer(layer, hidden, out[:, :, None])
+                with span(tm, "finish"):
+                    hidden = model.finish_layer(layer, hidden, out[:, :, None])
         session.positions = pos + 1
         session.step += 1
         assert session.dense_lengths is not None
         session.dense_lengths = session.dense_lengths + 1
         session.peak_cache_bytes = max(session.peak_cache_bytes, session.cache.nbytes())
-        with xp.scope(phase="decode"):
+        with xp.scope(phase="decode"), span(tm, "head"):
             session.logits = model.logits(hidden)[:, 0]
         return session.logits
 
@@ -202,25 +320,35 @@ class Engine:
     def _attend(
         self, ctx: DecodeContext, sel: Selection | None, session: Session, layer: int
     ) -> torch.Tensor:
-        lc, cfg, xp = ctx.cache, ctx.config, self.model.xp
+        lc, cfg, xp, tm = ctx.cache, ctx.config, self.model.xp, self.timers
         need_probs = self.method.needs_decode_probs
         keep = None
         if cfg.sliding_window is not None:
             keep = lc.positions() > (ctx.positions[:, None, None] - cfg.sliding_window)
         if sel is None:
-            out, probs = xp.cache_attention(
-                ctx.q, lc.keys(), lc.values(), lc.lengths, ctx.scale, keep, need_probs
-            )
+            with span(tm, "attention"):
+                out, probs = xp.cache_attention(
+                    ctx.q, lc.keys(), lc.values(), lc.lengths, ctx.scale, keep, need_probs
+                )
             session.read_sums[layer] += float(lc.lengths.float().mean())
         elif sel.gather is not None:  # a secure selection gathers obliviously (indices stay secret)
-            ks, vs, counts, ksel = sel.gather(lc)
-            out, probs = xp.cache_attention(ctx.q, ks, vs, counts, ctx.scale, ksel, False)
+            with span(tm, "gather"):
+                ks, vs, counts, ksel = sel.gather(lc)
+            with span(tm, "attention"):
+                out, probs = xp.cache_attention(ctx.q, ks, vs, counts, ctx.scale, ksel, False)
             session.read_sums[layer] += float(counts.float().mean())
         else:
             b = sel.index.shape[0]
-            ks, vs = xp.take_rows(lc.keys(), sel.index), xp.take_rows(lc.values(), sel.index)
             ksel = None if keep is None else torch.gather(keep, 2, sel.index)
-            out, p_sel = xp.cache_attention(ctx.q, ks, vs, sel.counts, ctx.scale, ksel, need_probs)
+            fused = getattr(xp, "sparse_attention", None)
+            if fused is not None and fused_sparse_available(ctx.q):  # index lists read in place (GPU)
+                with span(tm, "attention"):
+                    out, p_sel = fused(ctx.q, lc.k, lc.v, sel.index, sel.counts, ctx.scale, ksel, need_probs)
+            else:
+                with span(tm, "gather"):
+                    ks, vs = xp.take_rows(lc.keys(), sel.index), xp.take_rows(lc.values(), sel.index)
+                with span(tm, "attention"):
+                    out, p_sel = xp.cache_attention(ctx.q, ks, vs, sel.counts, ctx.scale, ksel, need_probs)
             session.read_sums[layer] += float(sel.counts.float().mean())
             probs = None
             if p_sel is not None:  # scatter back to the cache layout [B, H, L]
@@ -228,7 +356,8 @@ class Engine:
                 probs = torch.zeros(b, cfg.num_attention_heads, lc.max_length, device=p_sel.device)
                 idx = sel.index.repeat_interleave(g, dim=1)
                 probs.scatter_(2, idx, p_sel * sel.valid.repeat_interleave(g, dim=1))
-        self.method.after_attention(ctx, probs)
+        with span(tm, "method"):
+            self.method.after_attention(ctx, probs)
         return out
 
     # ------------------------------------------------------------------ generate
@@ -246,9 +375,19 @@ class Engine:
         Greedy unless ``sampling`` says otherwise. ``stop_tokens`` defaults to the model's
         ``eos_token_id``; pass ``[]`` to disable. Under MPC the output length is public, so stop tokens
         are ignored there and exactly ``max_new_tokens`` are produced.
+
+        Raises
+        ------
+        ConfigError
+            When ``max_new_tokens`` is not an integer >= 0, or the prompt plus ``max_new_tokens`` does not
+            fit the model's ``max_position_embeddings`` (checked before any work).
+        ShapeError
+            When ``input_ids`` are not token ids (see ``prepare_input``).
         """
-        if max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_count("max_new_tokens", max_new_tokens)
+        longest = _prompt_length(input_ids)
+        if longest is not None:
+            check_positions(self.model.config, longest, max_new_tokens)
         t0 = time.perf_counter()
         session = self.prefill(input_ids)
         _sync(self.model.device)
@@ -272,8 +411,8 @@ class Engine:
         prefill_s: float = 0.0,
     ) -> GenerationResult:
         """Generate from an existing session (e.g. after :meth:`extend` fed a question)."""
-        if max_new_tokens < 0:
-            raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_count("max_new_tokens", max_new_tokens)
+        check_positions(self.model.config, int(session.positions.max()), max_new_tokens)
         xp = self.model.xp
         sampling = sampling or SamplingConfig()
         stops = set(self.model.config.stop_token_ids if stop_tokens is None else stop_tokens)
@@ -333,6 +472,51 @@ class Engine:
             prefill_s=round(prefill_s, 6),
             decode_s=round(decode_s, 6),
         )
+
+    # ------------------------------------------------------------------ KV fusion
+    def prefill_segments(self, segments: Sequence[Any], fusion: Any = None, **kwargs: Any) -> Any:
+        """Prefill a request of cached chunks and raw segments with KV fusion (CacheBlend, EPIC, A³,
+        KVShare, ``"concat"`` or ``"full"``); returns a ``FusedPrefill`` whose ``session`` decodes as usual.
+        See :func:`mpckv.plaintext.fusion.recompute.prefill_segments`."""
+        from mpckv.plaintext.fusion.recompute import prefill_segments
+
+        return prefill_segments(self, segments, fusion, **kwargs)
+
+
+def check_count(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an ``int`` >= 0 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def check_positions(config: Any, prompt_len: int, max_new_tokens: int) -> None:
+    """Refuse a run whose positions would pass ``max_position_embeddings``.
+
+    A prompt of ``T`` tokens uses positions ``0..T-1``; generating ``N`` tokens feeds ``N - 1`` of them
+    back, at positions ``T..T+N-2``. So ``T + N - 1`` positions are needed (``T`` when ``N == 0``).
+    """
+    limit = int(config.max_position_embeddings)
+    need = prompt_len + max(max_new_tokens - 1, 0)
+    if need > limit:
+        extra = f" + {max_new_tokens} new tokens" if max_new_tokens else ""
+        raise ConfigError(
+            f"a prompt of {prompt_len} tokens{extra} needs {need} positions, but the model has "
+            f"{limit} (max_position_embeddings); shorten the prompt or lower max_new_tokens"
+        )
+
+
+def _prompt_length(input_ids: Any) -> int | None:
+    """The longest prompt in ``input_ids`` without preparing it, or None when it cannot be told cheaply."""
+    if isinstance(input_ids, torch.Tensor):
+        return int(input_ids.shape[-1]) if input_ids.dim() in (1, 2) else None
+    length = getattr(input_ids, "length", None)  # protocols.backend.SecretTokens (public length)
+    if isinstance(length, int):
+        return length
+    if isinstance(input_ids, list | tuple) and input_ids:
+        if all(isinstance(x, list | tuple) for x in input_ids):
+            return max(len(x) for x in input_ids)
+        return len(input_ids)
+    return None
 
 
 def _sync(device: torch.device) -> None:

@@ -6,7 +6,13 @@ entries of each row are live; everything at or beyond a row's length is garbage.
 
 Compaction (:meth:`LayerCache.compact`) gathers the kept entries of every row to the front and
 *reallocates* the tensors at the largest kept length, so evicted entries free memory rather than being
-masked. Appends grow the capacity geometrically (amortised O(1)).
+masked. Appends grow the capacity in chunks of ``max(64, capacity / 16)`` entries, so that the allocated
+K/V stay within ~6 % of the live ones (a doubling policy would allocate up to twice what is live) while a
+long decode still reallocates only O(log n) times per doubling of the length (each growth copies the
+cache once: ≤ 16 copies of every entry per doubling, amortised O(1) per append). :meth:`LayerCache.reserve`
+preallocates when the final length is known (prompt + ``max_new_tokens``). :meth:`LayerCache.remove_one`
+evicts one entry per row in O(d) by moving the row's last entry into the freed slot (StreamingLLM's
+per-step eviction), instead of a compaction that copies the whole cache.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from mpckv.errors import ShapeError
 
 _GROW_MIN = 64
+_GROW_DIV = 16  # growth chunk = capacity / _GROW_DIV (at least _GROW_MIN entries)
 
 
 class LayerCache:
@@ -81,10 +88,19 @@ class LayerCache:
         return self.meta[name]
 
     # ------------------------------------------------------------------ writes
+    def reserve(self, total: int) -> None:
+        """Preallocate room for ``total`` entries per row (e.g. prompt + ``max_new_tokens``): later appends up
+        to that length do not reallocate. Never shrinks."""
+        self._grow_to(int(total))
+
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
-        new_cap = max(needed, self.capacity * 2, _GROW_MIN)
+        self._grow_to(max(needed, self.capacity + max(_GROW_MIN, self.capacity // _GROW_DIV)))
+
+    def _grow_to(self, new_cap: int) -> None:
+        if new_cap <= self.capacity:
+            return
         grow = new_cap - self.capacity
 
         def pad(t: torch.Tensor) -> torch.Tensor:
@@ -115,7 +131,17 @@ class LayerCache:
             )
         if pos_new.shape != (b, t):
             raise ShapeError(f"pos_new must be [{b}, {t}], got {tuple(pos_new.shape)}")
-        self._reserve(self.max_length + t)
+        flat = self.lengths.flatten().tolist()
+        n = max(flat) if flat else 0
+        self._reserve(n + t)
+        if counts is None and flat and all(x == n for x in flat):  # equal rows: plain slice copies
+            self.k[:, :, n : n + t] = k_new
+            self.v[:, :, n : n + t] = v_new
+            self.pos[:, :, n : n + t] = pos_new[:, None, :]
+            for m in self.meta.values():
+                m[:, :, n : n + t] = 0
+            self.lengths += t
+            return
         slots = self.lengths[..., None] + torch.arange(t, device=self.device)  # [B, Hk, T]
         self.k.scatter_(2, slots[..., None].expand(b, hk, t, d), k_new.to(self.dtype))
         self.v.scatter_(2, slots[..., None].expand(b, hk, t, d), v_new.to(self.dtype))
@@ -149,6 +175,45 @@ class LayerCache:
         self.k, self.v, self.pos = take(self.k), take(self.v), take(self.pos)
         self.meta = {name: take(t) for name, t in self.meta.items()}
         self.lengths = new_len.to(torch.long)
+        self.version += 1
+
+    def remove_slot(self, slot: int, length: int | None = None) -> None:
+        """Evict slot ``slot`` of every row when all rows share one ``length`` (default: read it; see
+        :meth:`remove_one`): the last entry moves into it with one slice copy per tensor."""
+        n = self.max_length if length is None else length
+        if not 0 <= slot < n:
+            raise ShapeError(f"remove_slot: slot {slot} outside the live rows [0, {n})")
+        for t in (self.k, self.v, self.pos, *self.meta.values()):
+            t[:, :, slot] = t[:, :, n - 1]
+        self.lengths -= 1
+        self.version += 1
+
+    def remove_one(self, slot: torch.Tensor) -> None:
+        """Evict the entry at ``slot [B, Hk]`` of every row (negative: keep the row as is) in O(d) per row.
+
+        The row's last live entry moves into the freed slot and the row shrinks by one, so the order of
+        the entries changes (positions, metadata and K/V move together); nothing is reallocated.
+        """
+        b, hk = self.batch, self.kv_heads
+        if tuple(slot.shape) != (b, hk):
+            raise ShapeError(f"remove_one expects slots [{b}, {hk}], got {tuple(slot.shape)}")
+        if self.capacity == 0:
+            return
+        slot = slot.to(device=self.device, dtype=torch.long)
+        active = (slot >= 0) & (self.lengths > 0)
+        last = (self.lengths - 1).clamp_min(0)
+        dst = torch.where(active, slot, last)[..., None]  # inactive rows copy their last entry onto itself
+        src = last[..., None]
+        d = self.head_dim
+        for name in ("k", "v"):
+            t = getattr(self, name)
+            t.scatter_(
+                2, dst[..., None].expand(b, hk, 1, d), torch.gather(t, 2, src[..., None].expand(b, hk, 1, d))
+            )
+        self.pos.scatter_(2, dst, torch.gather(self.pos, 2, src))
+        for m in self.meta.values():
+            m.scatter_(2, dst, torch.gather(m, 2, src))
+        self.lengths = self.lengths - active.long()
         self.version += 1
 
 

@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from mpckv.errors import ConfigError, MpckvError
+from mpckv.protocols import liveness
+from mpckv.protocols.liveness import DEFAULT_STALL_S
 from mpckv.protocols.supervisor import (
     Child,
     child_death_signal,
@@ -122,6 +124,7 @@ def launch(
     pycall: str | None = None,
     rendezvous_timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT_S,
     comm_timeout: float = DEFAULT_COMM_TIMEOUT_S,
+    heartbeat_timeout: float = DEFAULT_STALL_S,
     grace_s: float = DEFAULT_GRACE_S,
     env: dict[str, str] | None = None,
     stdout: IO[str] | None = None,
@@ -145,7 +148,7 @@ def launch(
         Rendezvous port on 127.0.0.1 (default: a free one).
     pycall:
         ``"module:function"`` or ``"path/to/file.py:function"`` to call instead of the CLI.
-    rendezvous_timeout, comm_timeout:
+    rendezvous_timeout, comm_timeout, heartbeat_timeout:
         Passed to every party (see :func:`run_party_process`).
     grace_s:
         Seconds between SIGTERM and SIGKILL when stopping the others.
@@ -163,14 +166,22 @@ def launch(
     _validate(world_size, protocol, ttp)
     command = _command(argv, pycall)
     _positive("timeout", timeout)
+    _positive("--heartbeat-timeout", heartbeat_timeout)
     if port is not None and not 0 < port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {port}")
+    if pycall is None:
+        from mpckv.cli_mpc import precheck_argv
+
+        precheck_argv(command)  # e.g. generate --secure with a method that has no secure support
+    if port is not None:
+        _check_port_free("127.0.0.1", port)
     out = stdout if stdout is not None else sys.stdout
     err = stderr if stderr is not None else sys.stderr
     host = "127.0.0.1"
     rendezvous = f"tcp://{host}:{port if port is not None else free_port(host)}"
     n_procs = world_size + (1 if ttp else 0)
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "MPCKV_LAUNCHED": "1"}
+    child_env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # no c10d/gloo warnings around our one line
     if "OMP_NUM_THREADS" not in child_env:  # do not oversubscribe the cores with n_procs parties
         child_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_procs))
     lock = threading.Lock()
@@ -184,6 +195,7 @@ def launch(
             cmd = [sys.executable, "-m", "mpckv.protocols.launcher", "party", "--rank", str(rank)]
             cmd += ["--world-size", str(world_size), "--rendezvous", rendezvous, "--protocol", protocol]
             cmd += ["--rendezvous-timeout", str(rendezvous_timeout), "--comm-timeout", str(comm_timeout)]
+            cmd += ["--heartbeat-timeout", str(heartbeat_timeout)]
             cmd += ["--ttp"] if ttp else []
             cmd += ["--pycall", pycall] if pycall is not None else []
             proc = subprocess.Popen(
@@ -216,6 +228,20 @@ def launch(
                 t.join(timeout=2.0)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"--port {port} is not available on {host} ({exc.strerror or exc}); choose another port "
+                "or leave --port out to use a free one"
+            ) from None
 
 
 # --------------------------------------------------------------------------------------------- party
@@ -313,13 +339,17 @@ def run_party_process(
     pycall: str | None = None,
     rendezvous_timeout: float = DEFAULT_RENDEZVOUS_TIMEOUT_S,
     comm_timeout: float = DEFAULT_COMM_TIMEOUT_S,
+    heartbeat_timeout: float = DEFAULT_STALL_S,
 ) -> int:
     """Run one party (or the dealer, ``rank == world_size`` with ``ttp``) in this process.
 
     Every party must be given the same ``world_size``, ``rendezvous``, ``ttp`` and ``protocol``.
     ``rendezvous_timeout`` bounds joining the others (an unreachable peer fails with
-    :class:`PartyError`), ``comm_timeout`` every later collective. Returns the exit status of the CLI
-    (or of the ``pycall`` function: ``None`` counts as 0).
+    :class:`PartyError`), ``comm_timeout`` every later collective. With a ``tcp://`` rendezvous the
+    parties first meet in :func:`mpckv.protocols.liveness.handshake` (settings compared, one-line errors)
+    and keep a heartbeat: a party that dies or is silent for ``heartbeat_timeout`` seconds makes the others
+    exit with status 1 and one line naming it. Returns the exit status of the CLI (or of the ``pycall``
+    function: ``None`` counts as 0).
     """
     _validate(world_size, protocol, ttp)
     if not 0 <= rank < world_size + (1 if ttp else 0):
@@ -329,9 +359,13 @@ def run_party_process(
         raise ConfigError(f"--rendezvous must be tcp://HOST:PORT or file:///PATH, got {rendezvous!r}")
     _positive("--rendezvous-timeout", rendezvous_timeout)
     _positive("--comm-timeout", comm_timeout)
+    _positive("--heartbeat-timeout", heartbeat_timeout)
     command = list(argv) if rank == world_size else _command(argv, pycall)
     fn = _load_callable(pycall) if pycall is not None and rank < world_size else None
+    if fn is None and rank < world_size and not os.environ.get("MPCKV_LAUNCHED"):
+        from mpckv.cli_mpc import precheck_argv
 
+        precheck_argv(command)  # `mpckv launch` checked it already
     os.environ.update(
         WORLD_SIZE=str(world_size),  # parties only: CrypTen adds the dealer itself
         RANK=str(rank),
@@ -341,13 +375,24 @@ def run_party_process(
     from mpckv.protocols import comm
     from mpckv.protocols.compat import import_crypten
 
-    crypten = import_crypten()
+    crypten = import_crypten()  # before the handshake: the heartbeat should not wait on imports
+    monitor = None
+    if rendezvous.startswith("tcp://"):
+        monitor = liveness.handshake(
+            rank, world_size, protocol, ttp, rendezvous, rendezvous_timeout, stall_s=heartbeat_timeout
+        )
+
     crypten.cfg.mpc.provider = "TTP" if ttp else "TFP"
     crypten.cfg.mpc.protocol = protocol
     comm.install()
     _init(crypten, rank, world_size, rendezvous, ttp, rendezvous_timeout)
+    if monitor is not None:
+        monitor.arm()
     if rank == world_size:
-        return _dealer_loop(crypten, rank, comm_timeout)
+        code = _dealer_loop(crypten, rank, comm_timeout)
+        if monitor is not None:
+            monitor.close()
+        return code
     _set_comm_timeout(comm_timeout)
     comm.reset()
     if fn is not None:
@@ -359,6 +404,8 @@ def run_party_process(
         code = int(cli_main(command))
     if code == 0:
         crypten.uninit()
+        if monitor is not None:
+            monitor.close()
     return code
 
 
@@ -417,6 +464,13 @@ def _common_party_options(p: argparse.ArgumentParser) -> None:
         help=f"seconds any one collective may wait (default: {DEFAULT_COMM_TIMEOUT_S:g})",
     )
     p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=DEFAULT_STALL_S,
+        metavar="S",
+        help=f"a party silent this long counts as stalled and stops the run (default: {DEFAULT_STALL_S:g})",
+    )
+    p.add_argument(
         "--pycall",
         metavar="MODULE:FUNC",
         help="call FUNC(args) (module name or path/to/file.py) instead of the mpckv CLI",
@@ -435,6 +489,7 @@ def run_launch(args: argparse.Namespace) -> int:
         pycall=args.pycall,
         rendezvous_timeout=args.rendezvous_timeout,
         comm_timeout=args.comm_timeout,
+        heartbeat_timeout=args.heartbeat_timeout,
     )
 
 
@@ -456,9 +511,10 @@ def run_party(args: argparse.Namespace) -> int:
             pycall=args.pycall,
             rendezvous_timeout=args.rendezvous_timeout,
             comm_timeout=args.comm_timeout,
+            heartbeat_timeout=args.heartbeat_timeout,
         )
     except (Exception, KeyboardInterrupt) as exc:
-        if not _joined():
+        if not _joined() and liveness.current() is None:
             raise  # bad options or no peers: nothing to tear down, main() reports it
         _exit_now(_report_failure(exc))
     if code != 0 and _joined():
@@ -467,15 +523,42 @@ def run_party(args: argparse.Namespace) -> int:
 
 
 def _report_failure(exc: BaseException) -> int:
-    """Print how the CLI failed (one line for our errors, a traceback for bugs); return the exit status."""
+    """Print how the CLI failed (one line for our errors and lost parties, a traceback for bugs), tell
+    the other parties why (so that they do not report a lost rank), and return the exit status."""
+    monitor = liveness.current()
+    if is_comm_error(exc):
+        # The other end went away: the heartbeat names the rank (it usually reports first).
+        lost = monitor.wait_lost(5.0) if monitor is not None else None
+        detail = " ".join(str(exc).split())[:200]
+        liveness.exit_with(lost or f"lost the connection to the other parties ({detail})")
     if isinstance(exc, MpckvError):
-        print(f"mpckv: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    if isinstance(exc, KeyboardInterrupt):
+        message, code = " ".join(str(exc).split()), 2
+        print(f"mpckv: error: {message}", file=sys.stderr)
+    elif isinstance(exc, KeyboardInterrupt):
+        message, code = "interrupted", 130
         print("mpckv: interrupted", file=sys.stderr)
-        return 130
-    traceback.print_exc()
-    return 1
+    else:
+        message, code = f"{type(exc).__name__}: {exc}", 1
+        traceback.print_exc()
+    if monitor is not None:
+        monitor.announce_failure(message)
+    return code
+
+
+def is_comm_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch.distributed / gloo reporting a broken or timed-out connection."""
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    if not isinstance(exc, RuntimeError) or isinstance(exc, MpckvError):
+        return False
+    text = str(exc)
+    return any(
+        key in text
+        for key in ("gloo", "Connection closed by peer", "Connection reset", "Broken pipe", "Timed out")
+    )
 
 
 def _joined() -> bool:

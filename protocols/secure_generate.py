@@ -8,10 +8,8 @@ hands out correlated randomness. Every party runs this function with the same pu
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mpckv.errors import ConfigError
@@ -123,7 +121,8 @@ def run_to_json(run: SecureRun, text: str | None, method: str, budget: Any) -> d
 
 
 def write_output(payload: dict[str, Any], out: str | None) -> None:
+    """Write the result JSON atomically (:mod:`mpckv.io`); nothing when ``out`` is empty."""
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+        from mpckv.io import write_json_atomic
+
+        write_json_atomic(out, payload, "--out")

@@ -13,7 +13,12 @@ from mpckv import Budget, BudgetError
         (256, "tokens", 256),
         ("0.25", "ratio", 0.25),
         ("64", "tokens", 64),
-        (128.0, "tokens", 128),
+        ("1", "tokens", 1),  # one token: a whole number without a decimal point is a count
+        ("1.0", "ratio", 1.0),  # everything: a decimal point makes a ratio
+        ("100%", "ratio", 1.0),
+        ("10%", "ratio", 0.1),
+        ("1e-1", "ratio", 0.1),
+        (" 256 ", "tokens", 256),
         ("[0.2, 16]", "per_layer", (0.2, 16)),
         ([[4, 8], [0.5, 1.0]], "per_head", ((4, 8), (0.5, 1.0))),
     ],
@@ -24,7 +29,9 @@ def test_parse(spec, kind, value):
 
 
 @pytest.mark.parametrize(
-    "spec", [0.0, -0.1, 1.5, -3, 0, "abc", "", None, True, float("nan"), [], [[]], "[1, -2]", {"a": 1}]
+    "spec",
+    [0.0, -0.1, 1.5, -3, 0, "abc", "", None, True, float("nan"), [], [[]], "[1, -2]", {"a": 1}]
+    + [128.0, "256.0", "1e8", "150%", "0%", "x%", "true", '"0.1"', "null", "nan"],
 )
 def test_rejects(spec):
     with pytest.raises(BudgetError):
@@ -53,3 +60,36 @@ def test_validate_shape():
 def test_nominal_fraction():
     assert Budget.parse(0.25).nominal_fraction(100) == pytest.approx(0.25)
     assert Budget.parse([10, 30]).nominal_fraction(100) == pytest.approx(0.2)
+
+
+def test_a_float_count_gets_a_hint():
+    with pytest.raises(
+        BudgetError, match=r"got 256.0 \(a token count is written without a decimal point: 256\)"
+    ):
+        Budget.parse("256.0")
+
+
+@pytest.mark.parametrize("spec", ["1", "1.0", "0.05", "256", "[0.5, 4]", "[[4, 0.5], [1.0, 2]]"])
+def test_format_round_trips(spec):
+    from mpckv.budget import format_budget
+
+    b = Budget.parse(spec)
+    again = Budget.parse(format_budget(b))
+    assert (again.kind, again.value) == (b.kind, b.value)
+    assert [type(x) for x in _flat(again.value)] == [type(x) for x in _flat(b.value)]
+    assert str(b) == format_budget(b)
+
+
+def _flat(v):
+    return [y for x in v for y in _flat(x)] if isinstance(v, tuple | list) else [v]
+
+
+def test_bad_text_message_is_shared_by_every_command():
+    from mpckv.evals.config import parse_budget
+
+    with pytest.raises(BudgetError) as a:
+        Budget.parse("abc")
+    with pytest.raises(BudgetError) as b:
+        parse_budget("abc")
+    assert str(a.value) == str(b.value)
+    assert "token count without a decimal point" in str(a.value)

@@ -67,3 +67,23 @@ def test_errors(checkpoint_factory, tmp_path):
         mpckv.load_model(d)
     with pytest.raises(CheckpointError, match="dtype"):
         mpckv.load_model(path, dtype="int3")
+
+
+def test_layer_count_mismatch_is_reported(checkpoint_factory, tmp_path):
+    """Hardening case 11: a config with fewer or more layers than the stored tensors must not load."""
+    path, _ = checkpoint_factory("llama")
+    d = _copy(path, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": n - 1}))
+    with pytest.raises(
+        CheckpointError, match=rf"has 9 tensor\(s\) the config does not use \(model\.layers\.{n - 1}\."
+    ):
+        mpckv.load_model(d)
+    (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": n + 1}))
+    with pytest.raises(
+        CheckpointError, match=rf"lacks 9 tensor\(s\) the config needs \(model\.layers\.{n}\."
+    ):
+        mpckv.load_model(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert mpckv.load_model(d).config.num_hidden_layers == n

@@ -76,8 +76,12 @@ def test_methods_json(capsys):
     rows = json.loads(out)
     by_name = {r["name"]: r for r in rows}
     assert {"dense", "streamingllm"} <= set(by_name)
-    assert set(by_name["streamingllm"]) == {"name", "family", "paper", "secure", "summary"}
+    assert set(by_name["streamingllm"]) == {"name", "family", "paper", "secure", "summary", "secure_note"}
     assert by_name["streamingllm"]["family"] == "eviction"
+    # every method without a secure path says why in one line
+    for row in rows:
+        if row["secure"] != "yes":
+            assert row["secure_note"] and "\n" not in row["secure_note"], row["name"]
 
 
 def test_python_m_mpckv_subprocess():
@@ -160,7 +164,7 @@ def test_dense_vs_streamingllm(capsys, ckpt, tmp_path):
     assert code == 0, err
     assert json.loads(out)["budget"] == 0.5
     code, out, err = run(
-        capsys, *common, "--max-new-tokens", "2", "--method", "dense", "--budget", "[8, 8, 8]"
+        capsys, *common, "--max-new-tokens", "2", "--method", "snapkv", "--budget", "[8, 8, 8]"
     )
     assert code == 0, err
     assert json.loads(out)["budget"] == [8, 8, 8]
@@ -194,11 +198,12 @@ def test_seeded_sampling_is_reproducible(capsys, ckpt):
         (["--budget", "0"], ">= 1"),
         (["--budget", "abc"], "cannot parse budget"),
         (["--budget", "[]"], "empty"),
-        (["--budget", "[0.5, 0.5]"], "3 layers"),
+        (["--method", "snapkv", "--budget", "[0.5, 0.5]"], "3 layers"),
+        (["--budget", "0.5"], "--budget has no effect with --method dense"),
         (["--method", "streamingllm", "--param", "window"], "key=value"),
         (["--method", "streamingllm", "--param", "=3"], "key=value"),
         (["--method", "streamingllm", "--param", "nosuch=1"], "no parameter"),
-        (["--method", "streamingllm", "--param", "window=0"], "window >= 1"),
+        (["--method", "streamingllm", "--param", "window=0"], "window must be an integer >= 1, got 0"),
         (["--param", "budget=0.1"], "--budget"),
         (["--method", "streamingllm", "--param", "sinks=1", "--param", "sinks=2"], "more than once"),
         (["--max-new-tokens", "-1"], ">= 0"),

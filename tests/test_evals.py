@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,8 +134,13 @@ def test_full_budget_matches_dense(grid):
 def test_rerun_skips_done_cells(grid, monkeypatch):
     cfg, records, out = grid
     calls = []
-    real = runner.run_cell
-    monkeypatch.setattr(runner, "run_cell", lambda *a: calls.append(a[3]) or real(*a))
+    real = runner.run_group
+
+    def spy(model, tok, cfg, jobs, **kw):
+        calls.extend(j.cell for j in jobs)
+        return real(model, tok, cfg, jobs, **kw)
+
+    monkeypatch.setattr(runner, "run_group", spy)
     again = runner.run_eval(_config(cfg.model, out), plots=False)
     assert calls == [] and again == records
     more = runner.run_eval(_config(cfg.model, out, suites=["passkey"], budgets=[0.1, 0.3]), plots=False)
@@ -149,7 +155,7 @@ def test_rerun_skips_done_cells(grid, monkeypatch):
 
 def test_query_agnostic_prefills_context_only(ckpt, model, tmp_path, monkeypatch):
     seen = {"prefill": [], "extend": []}
-    real_prefill, real_extend = mpckv.Engine.prefill, mpckv.Engine.extend
+    real_prefill, real_extend = mpckv.Engine.record_prefill, mpckv.Engine.extend
 
     def prefill(self, ids):
         seen["prefill"].append([bytes(x).decode() for x in ids])
@@ -159,7 +165,7 @@ def test_query_agnostic_prefills_context_only(ckpt, model, tmp_path, monkeypatch
         seen["extend"].append(tuple(toks.shape))
         return real_extend(self, session, toks)
 
-    monkeypatch.setattr(mpckv.Engine, "prefill", prefill)
+    monkeypatch.setattr(mpckv.Engine, "record_prefill", prefill)  # the shared dense prefill
     monkeypatch.setattr(mpckv.Engine, "extend", extend)
     cfg = _config(ckpt, tmp_path, suites=["needle"], methods=["dense"], params={}, lengths=[128])
     runner.run_eval(cfg, model=model, model_id="random", plots=False)
@@ -185,6 +191,8 @@ def test_cli_eval_every_method_fidelity_and_report(ckpt, tmp_path, capsys):
     argv = ["eval", "--model", ckpt, "--suite", "passkey", "--lengths", "128", "--budgets", "0.3"]
     argv += ["--n", "2", "--out", str(out), "--mode", "question-in-prompt", "--no-progress"]
     argv += ["--param", "snapkv.window=4", "--param", "pyramidkv.window=4", "--param", "h2o_window.window=4"]
+    # a random checkpoint has no shipped calibration or gates
+    argv += ["--param", "razorattention.heads=[[0, 0]]", "--param", "trimkv.gates=constant"]
     assert main(argv) == 0
     records = json.loads((out / "results.json").read_text())
     names = [m.name for m in mpckv.list_methods()]
@@ -275,7 +283,7 @@ def test_cli_other_errors(ckpt, tmp_path, capsys):
 
 
 def test_parsers():
-    assert parse_budgets("0.05, 1,64") == [0.05, 1.0, 64]
+    assert parse_budgets("0.05, 1.0,64, 1") == [0.05, 1.0, 64, 1]  # "1" is one token (mpckv.budget)
     assert parse_method_params(["snapkv.window=16", "quest.pooling=max"]) == {
         "snapkv": {"window": 16},
         "quest": {"pooling": "max"},
@@ -287,3 +295,11 @@ def test_parsers():
     others = len(mpckv.list_methods()) - 1
     assert len(cells) == 4 * (1 + others * len(cfg.budgets))
     assert cfg.key(cells[0], "m") != cfg.key(cells[1], "m")
+
+
+def test_cli_eval_default_out_dir(ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", "--model", ckpt, "--suite", "passkey", "--lengths", "128", "--methods", "dense"]
+    assert main([*argv, "--n", "1", "--no-progress", "--no-plots"]) == 0
+    records = json.loads((tmp_path / "eval-runs" / Path(ckpt).name / "results.json").read_text())
+    assert [r["method"] for r in records] == ["dense"] and records[0]["metric"] == "first_line"

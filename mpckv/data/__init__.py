@@ -1,5 +1,7 @@
-"""Data for training and evaluating small models: synthetic long-context tasks and offline natural text."""
+"""Data for training and evaluating models: synthetic long-context tasks for the byte-level model,
+RULER-style tasks on generated prose for real tokenizers, and offline natural text."""
 
+from mpckv.data.ruler import RULER_TASKS, RulerSample, make_ruler_sample
 from mpckv.data.synthetic import (
     TASKS,
     Sample,
@@ -11,10 +13,13 @@ from mpckv.data.synthetic import (
 )
 
 __all__ = [
+    "RULER_TASKS",
     "TASKS",
+    "RulerSample",
     "Sample",
     "exact_match",
     "filler_text",
+    "make_ruler_sample",
     "make_sample",
     "natural_text_corpus",
     "training_text",

@@ -29,22 +29,40 @@ def checkpoint_dir(model: str | Path) -> Path:
     return root
 
 
+def _digest_file(h: Any, f: Path) -> None:
+    size = f.stat().st_size
+    h.update(f"{f.name}:{size}".encode())
+    with f.open("rb") as fh:
+        h.update(fh.read(_CHUNK))
+        fh.seek(max(0, size - _CHUNK))
+        h.update(fh.read(_CHUNK))
+
+
 def model_id(model: str | Path) -> str:
     """A short stable id of a checkpoint: ``<name>-<digest>``.
 
-    The digest covers ``config.json`` and, for every ``*.safetensors`` file, its size and its first and last
-    64 KiB, so that retrained weights in the same directory get a new id (and new result cells) while a
-    copied directory keeps it. ``name`` is ``tiny`` for the shipped model, else the directory name.
+    HF directories: the digest covers ``config.json`` and, for every ``*.safetensors`` file, its size and
+    its first and last 64 KiB, so that retrained weights in the same directory get a new id (and new result
+    cells) while a copied directory keeps it; ``name`` is ``tiny`` for the shipped model, else the directory
+    name. Installable model names (``smollm2``, ...) and GGUF files: the GGUF file's size, first and last
+    64 KiB; ``name`` is the model name or the file's stem.
     """
+    from mpckv.gguf_loader import find_gguf
+    from mpckv.models import is_model_name, model_path
+
+    if is_model_name(model):
+        h = hashlib.sha1()
+        _digest_file(h, model_path(str(model)))
+        return f"{model}-{h.hexdigest()[:10]}"
+    gguf = find_gguf(model) if str(model) != "tiny" and Path(model).expanduser().exists() else None
+    if gguf is not None:
+        h = hashlib.sha1()
+        _digest_file(h, gguf)
+        return f"{gguf.stem}-{h.hexdigest()[:10]}"
     root = checkpoint_dir(model)
     h = hashlib.sha1((root / "config.json").read_bytes())
     for f in sorted(root.glob("*.safetensors")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(_CHUNK))
-            fh.seek(max(0, size - _CHUNK))
-            h.update(fh.read(_CHUNK))
+        _digest_file(h, f)
     name = "tiny" if str(model) == "tiny" else root.resolve().name
     return f"{name}-{h.hexdigest()[:10]}"
 

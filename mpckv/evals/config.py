@@ -9,12 +9,12 @@ config, skipped if already done", here at cell granularity).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from mpckv.budget import format_budget
 from mpckv.errors import BudgetError, ConfigError
 
 Mode = Literal["query-agnostic", "question-in-prompt"]
@@ -47,7 +47,8 @@ def parse_suites(text: str | Sequence[str]) -> list[str]:
 
 
 def parse_lengths(text: str | Sequence[str]) -> list[int]:
-    """``"1024,2048"`` → ``[1024, 2048]`` (prompt lengths in bytes, each >= 64)."""
+    """``"1024,2048"`` → ``[1024, 2048]`` (prompt lengths in tokens — bytes for the byte-level model — each
+    >= 64)."""
     out = []
     for item in _split(text, "--lengths"):
         try:
@@ -61,19 +62,17 @@ def parse_lengths(text: str | Sequence[str]) -> list[int]:
 
 
 def parse_budget(value: Any) -> float | int:
-    """One budget: a ratio in (0, 1] (``1`` means 1.0, everything) or a token count > 1."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise BudgetError(f"budgets must be numbers like 0.1 or 256, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise BudgetError(f"budgets must be finite numbers, got {value!r}")
-    if 0 < value <= 1:
-        return float(value)
-    if value > 1 and float(value).is_integer():
-        return int(value)
-    raise BudgetError(f"a budget is a ratio in (0, 1] or a whole token count > 1, got {value}")
+    """One budget, by the rule of :mod:`mpckv.budget` (the same parser as ``generate --budget``).
+
+    ``"0.1"`` / ``"10%"`` / ``0.1`` → ratio ``0.1``; ``"1.0"`` / ``"100%"`` → ``1.0`` (everything);
+    ``"256"`` / ``256`` → 256 tokens; ``"1"`` → one token.
+    """
+    from mpckv.budget import Budget
+
+    budget = Budget.parse(value)
+    if budget.kind not in ("ratio", "tokens"):
+        raise BudgetError(f"--budgets takes one ratio or token count per entry, got {value!r}")
+    return cast(float | int, budget.value)
 
 
 def parse_budgets(text: str | Sequence[Any]) -> list[float | int]:
@@ -155,7 +154,7 @@ class EvalConfig:
     mode: str = "query-agnostic"
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_new_tokens: int | None = None  # None = auto (longest answer + 2)
-    batch_size: int = 0  # 0 = all n samples of a cell at once
+    batch_size: int | None = None  # None = auto (all n for the byte model, 4 otherwise); 0 = all n
     ppl_tokens: int = 128
     dtype: str = "float32"
     device: str = "cpu"
@@ -171,7 +170,7 @@ class EvalConfig:
             raise ConfigError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if self.n < 1:
             raise ConfigError(f"--n must be >= 1, got {self.n}")
-        if self.batch_size < 0:
+        if self.batch_size is not None and self.batch_size < 0:
             raise ConfigError(f"--batch-size must be >= 0, got {self.batch_size}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens must be >= 1 or auto, got {self.max_new_tokens}")
@@ -188,14 +187,14 @@ class EvalConfig:
 
         parts = ["mpckv", "eval", "--model", str(self.model), "--suite", ",".join(self.suites)]
         parts += ["--lengths", ",".join(map(str, self.lengths)), "--methods", ",".join(self.methods)]
-        parts += ["--budgets", ",".join(f"{b:g}" for b in self.budgets), "--out", str(self.out)]
+        parts += ["--budgets", ",".join(format_budget(b) for b in self.budgets), "--out", str(self.out)]
         parts += ["--n", str(self.n), "--seed", str(self.seed), "--mode", self.mode]
         for method, kv in self.params.items():
             for k, v in kv.items():
                 parts += ["--param", f"{method}.{k}={v if isinstance(v, str) else json.dumps(v)}"]
         if self.max_new_tokens is not None:
             parts += ["--max-new-tokens", str(self.max_new_tokens)]
-        if self.batch_size:
+        if self.batch_size is not None:
             parts += ["--batch-size", str(self.batch_size)]
         if self.ppl_tokens != 128:
             parts += ["--ppl-tokens", str(self.ppl_tokens)]

@@ -4,7 +4,9 @@ Works on any checkpoint (no task, no tokenizer assumptions), so it is the check 
 
 1. dense greedy generation of ``steps`` tokens after each prompt gives a fixed continuation;
 2. dense and every method then prefill the same prompt (the method compresses it) and teacher-force the
-   *same* continuation through :meth:`~mpckv.plaintext.engine.Engine.extend`;
+   *same* continuation through :meth:`~mpckv.plaintext.engine.Engine.extend`; the prefill is one recorded
+   dense prefill that every method replays its hooks on (:meth:`~mpckv.plaintext.engine.Engine.prefill_from`),
+   except methods that declare ``changes_prefill``;
 3. at each of the ``steps`` positions the method's distribution is compared with dense: top-1 agreement
    (same argmax) and ``KL(dense ‖ method)`` in nats.
 
@@ -84,8 +86,11 @@ def fidelity(
     if cont.dim() != 2 or cont.shape[0] != len(prompts) or cont.shape[1] < 1:
         raise ConfigError(f"continuation must be [{len(prompts)}, S>=1], got {tuple(cont.shape)}")
 
+    from mpckv.evals.group import shares_prefill
+
     dense = Engine(model, "dense")
-    ref_logp = torch.log_softmax(dense.extend(dense.prefill(prompts), cont).float(), dim=-1)
+    record = dense.record_prefill(prompts)  # shared by every method that does not change the prefill
+    ref_logp = torch.log_softmax(dense.extend(dense.prefill_from(record), cont).float(), dim=-1)
     out: list[dict[str, Any]] = []
     for method in methods:
         for budget in budgets if takes_budget(method) else [None]:
@@ -94,7 +99,8 @@ def fidelity(
                 kw["budget"] = budget
             t0 = time.perf_counter()
             engine = Engine(model, method, **kw)
-            session = engine.prefill(prompts)
+            shared = shares_prefill(engine.method)
+            session = engine.prefill_from(record) if shared else engine.prefill(prompts)
             logits = engine.extend(session, cont)
             agree, kl = _compare(ref_logp, logits)
             stats = common.cache_stats(session, engine.continue_generation(session, 0).stats)
@@ -112,7 +118,8 @@ def fidelity(
                     "steps": int(cont.shape[1]),
                     "n": len(prompts),
                     "prompt_tokens": round(sum(map(len, prompts)) / len(prompts), 1),
-                    "seconds": round(time.perf_counter() - t0, 3),
+                    "seconds": round(time.perf_counter() - t0 + (record.seconds if shared else 0.0), 3),
+                    "shared_prefill": shared,
                 }
             )
             del logits, session
@@ -129,9 +136,10 @@ def fidelity_prompts(
     n: int = 1,
     seed: int = 0,
 ) -> list[list[int]]:
-    """Prompts for :func:`fidelity`: ``text`` (one prompt), or ``n`` samples of a synthetic suite
-    (``passkey`` … the full prompt with its question; ``ppl`` held-out natural text) of ``length`` bytes."""
-    from mpckv.evals.suites import QA_SUITES, SUITES, ppl_samples, qa_samples
+    """Prompts for :func:`fidelity`: ``text`` (one prompt), or ``n`` samples of a suite of
+    :mod:`mpckv.evals.suites` (``passkey`` … the full prompt with its question, chat-templated and sized in
+    tokens for real models, in bytes for the byte-level model; ``ppl`` held-out text) of ``length``."""
+    from mpckv.evals.suites import QA_SUITES, SUITES, prepare_ppl, prepare_qa
 
     if (text is None) == (synthetic is None):
         raise ConfigError("give exactly one of a prompt text and a synthetic suite")
@@ -143,7 +151,5 @@ def fidelity_prompts(
     if synthetic not in SUITES:
         raise ConfigError(f"unknown suite {synthetic!r}; choose from {', '.join(SUITES)}")
     if synthetic in QA_SUITES:
-        texts = [s.prompt for s in qa_samples(synthetic, length, n, seed)]
-    else:
-        texts = [s.context for s in ppl_samples(length, n, seed)]
-    return [common.encode(tokenizer, model, t, bos=True) for t in texts]
+        return [s.prefix_ids + s.suffix_ids for s in prepare_qa(synthetic, length, n, seed, tokenizer, model)]
+    return [c for c, _ in prepare_ppl(length, n, seed, 0, tokenizer, model)]

@@ -1,6 +1,6 @@
 """PNG plots of eval records: one figure per suite, one subplot per length, one line per method.
 
-The x axis is the budget (log scale); dense is a dashed horizontal line. Question suites plot exact-match
+The x axis is the budget (log scale); dense is a dashed horizontal line. Question suites plot the suite's
 accuracy, ``ppl`` plots perplexity. Needs matplotlib (the ``eval`` extra); the Agg backend is used, so no
 display is required.
 """
@@ -18,7 +18,7 @@ _LINES = ("-", "-.", ":")
 
 
 def _metric(suite: str) -> tuple[str, str]:
-    return ("ppl", "perplexity") if suite == "ppl" else ("accuracy", "exact-match accuracy")
+    return ("ppl", "perplexity") if suite == "ppl" else ("accuracy", "accuracy")
 
 
 def plot_suite(records: Sequence[dict[str, Any]], suite: str, path: str | Path) -> Path:

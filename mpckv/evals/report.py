@@ -1,7 +1,7 @@
 """Markdown tables from eval records: ``results.md`` of one run and the ``docs/RESULTS.md`` page.
 
 Tables are per suite: one row per method × budget (× mode / model when a run mixes several), one column per
-length. A question-answering cell reads ``acc% · kept/read`` (exact-match accuracy in percent, mean kept
+length. A question-answering cell reads ``acc% · kept/read`` (the suite's accuracy in percent, mean kept
 fraction of the KV cache, mean fraction of entries read per decode step, both relative to dense); a ``ppl``
 cell reads ``ppl · kept/read``.
 """
@@ -20,7 +20,10 @@ from mpckv.evals import common
 
 LEGEND = (
     "Cells: `accuracy % · kept/read` for question suites, `perplexity · kept/read` for `ppl`; kept = mean "
-    "fraction of the dense KV cache kept, read = mean fraction of dense entries read per decode step."
+    "fraction of the dense KV cache kept, read = mean fraction of dense entries read per decode step. "
+    "L = prompt tokens (bytes for the byte-level tiny model). Accuracy is RULER-style containment of the "
+    "answer in the normalised generation for models with a real tokenizer (exact match is "
+    "`accuracy_exact` in results.json) and first-line exact match for the byte-level model."
 )
 
 
@@ -201,6 +204,16 @@ def write_report(
         from mpckv.protocols.bench_secure import format_table
 
         recs = common.read_json(f)
+        if isinstance(recs, dict) and recs.get("kind") == "bench-plaintext":  # mpckv bench plaintext
+            from mpckv.evals.report_bench import plaintext_section
+
+            parts.append(plaintext_section(recs, f, out.parent))
+            continue
+        from mpckv.evals.report_fusion import fusion_section, is_fusion_bench
+
+        if is_fusion_bench(recs):  # mpckv bench fusion
+            parts.append(fusion_section(recs, f))
+            continue
         if not isinstance(recs, list) or not recs:
             raise ConfigError(f"{f} holds no benchmark records (write it with `mpckv bench secure --json`)")
         first = recs[0]

@@ -1,41 +1,50 @@
-"""Run the evaluation grid: every suite × length × method × budget, resumable, batched per cell.
+"""Run the evaluation grid: every suite × length × method × budget, resumable, on shared prefills.
 
-Two modes (as in kvpress):
+For each ``(suite, length)`` the samples are prepared once (:mod:`mpckv.evals.suites`: byte-sized
+synthetic tasks for the byte-level tiny model, token-sized chat-templated RULER tasks for real models) and
+every missing ``(method, budget)`` cell runs batch by batch on one shared dense prefill per batch
+(:mod:`mpckv.evals.group`). Two modes (as in kvpress):
 
 ``query-agnostic`` (default, the honest one for eviction methods)
     Prefill the context — the method compresses it at prefill, before the question exists — then feed the
-    question with :meth:`~mpckv.plaintext.engine.Engine.extend` (decode steps, so decode-time methods keep
-    running) and generate the answer. Samples are grouped by question length so that ``extend`` gets a
-    rectangular ``[B, T]``.
+    question (for chat models: question, end of turn, assistant header and answer cue) with
+    :meth:`~mpckv.plaintext.engine.Engine.extend` (decode steps, so decode-time methods keep running) and
+    generate the answer. Samples are grouped by question length so that ``extend`` gets a rectangular
+    ``[B, T]``.
 ``question-in-prompt``
     Prefill ``context + question`` (ragged batch) and generate.
 
-The ``ppl`` suite prefills ``length`` bytes of held-out text and teacher-forces the next ``ppl_tokens``;
+The ``ppl`` suite prefills ``length`` tokens of held-out text and teacher-forces the next ``ppl_tokens``;
 its records have ``accuracy = None`` and a ``ppl`` (``exp`` of the mean NLL over every scored token).
 
+QA records carry ``accuracy`` (the suite's metric: RULER containment for real models, first-line exact
+match for the byte-level model), ``accuracy_contains`` and ``accuracy_exact``
+(:mod:`mpckv.evals.scoring`). ``seconds`` is a cell's own compute plus the shared dense prefill it used
+(what the cell would cost alone); ``meta.json`` has the wall time of each run.
+
 Outputs in ``--out``: ``results.json`` (list of records, rewritten after every cell), ``results.md``,
-``predictions.jsonl`` (one line per sample), ``meta.json`` (the commands that produced the directory) and
-``plot_<suite>.png``. Cells whose key (:meth:`EvalConfig.key`) is already in ``results.json`` are skipped.
+``predictions.jsonl`` (one line per sample: prompt tail, generation, expected answer, both scores),
+``meta.json`` (the commands that produced the directory), ``plot_<suite>.png`` and, while cells are
+unfinished, ``partial.jsonl`` (finished sample batches). Cells whose key (:meth:`EvalConfig.key`) is already
+in ``results.json`` are skipped; the batches of an interrupted cell found in ``partial.jsonl`` are reused,
+so a crash loses at most the batch in progress.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from mpckv.errors import ConfigError
 from mpckv.evals import common
 from mpckv.evals.config import Cell, EvalConfig, cell_key
-from mpckv.evals.suites import QA_SUITES, PplSample, ppl_samples, qa_samples, split_prompt
+from mpckv.evals.group import Job, run_group
 
 RESULTS = "results.json"
+PARTIAL = "partial.jsonl"
 META = "meta.json"
 PREDICTIONS = "predictions.jsonl"
 
@@ -52,98 +61,19 @@ def load_results(out: str | Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- cells
-def _qa_cell(engine: Any, model: Any, tok: Any, cfg: EvalConfig, cell: Cell) -> dict[str, Any]:
-    samples = qa_samples(cell.suite, cell.length, cfg.n, cfg.seed)
-    answers = [len(common.encode(tok, model, s.answer, bos=False)) for s in samples]
-    max_new = cfg.max_new_tokens or max(answers) + 2
-    stops = common.stop_tokens(tok, model)
-    generated: list[str] = [""] * len(samples)
-    parts: list[tuple[int, dict[str, float]]] = []
-    prompt_tokens = 0
-    if cell.mode == "query-agnostic":
-        ctx_ids, q_ids = [], []
-        for s in samples:
-            ctx_text, q_text = split_prompt(s)
-            ctx_ids.append(common.encode(tok, model, ctx_text, bos=True))
-            q_ids.append(common.encode(tok, model, q_text, bos=False))
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, ids in enumerate(q_ids):
-            groups[len(ids)].append(i)
-        batches = [b for g in groups.values() for b in common.chunks(g, cfg.batch_size)]
-        prompt_tokens = sum(len(c) + len(q) for c, q in zip(ctx_ids, q_ids, strict=True))
-    else:
-        ctx_ids = [common.encode(tok, model, s.prompt, bos=True) for s in samples]
-        q_ids = []
-        batches = common.chunks(range(len(samples)), cfg.batch_size)
-        prompt_tokens = sum(len(c) for c in ctx_ids)
-    for idx in batches:
-        session = engine.prefill([ctx_ids[i] for i in idx])
-        if q_ids:
-            engine.extend(session, torch.tensor([q_ids[i] for i in idx], dtype=torch.long))
-        res = engine.continue_generation(session, max_new, stop_tokens=stops)
-        for i, toks in zip(idx, res.tokens, strict=True):
-            generated[i] = tok.decode(toks)
-        parts.append((len(idx), common.cache_stats(session, res.stats)))
-    from mpckv.data.synthetic import exact_match
+def _jobs(model: Any, cfg: EvalConfig, cells: list[Cell], mid: str) -> list[Job]:
+    from mpckv.plaintext.engine import Engine
 
-    correct = [exact_match(s, g) for s, g in zip(samples, generated, strict=True)]
-    preds = [
-        {"i": i, "answer": s.answer, "generated": g, "correct": c}
-        for i, (s, g, c) in enumerate(zip(samples, generated, correct, strict=True))
+    return [
+        Job(c, cfg.key(c, mid), Engine(model, c.method, **cfg.method_params(c.method, c.budget)))
+        for c in cells
     ]
-    return {
-        "accuracy": sum(correct) / len(correct),
-        "ppl": None,
-        "max_new_tokens": max_new,
-        "prompt_tokens": round(prompt_tokens / len(samples), 1),
-        **common.mean_stats(parts),
-        "_predictions": preds,
-    }
-
-
-def _ppl_cell(engine: Any, model: Any, tok: Any, cfg: EvalConfig, cell: Cell) -> dict[str, Any]:
-    samples: list[PplSample] = ppl_samples(cell.length, cfg.n, cfg.seed, cfg.ppl_tokens)
-    ctx_ids = [common.encode(tok, model, s.context, bos=True) for s in samples]
-    cont_ids = [common.encode(tok, model, s.continuation, bos=False) for s in samples]
-    t = min(len(c) for c in cont_ids)  # subword tokenisers give ragged continuations: score a common prefix
-    if t < 2:
-        raise ConfigError(f"the ppl continuation has only {t} token(s); raise ppl_tokens")
-    nll_sum, count = 0.0, 0
-    per_sample: list[float] = [0.0] * len(samples)
-    parts: list[tuple[int, dict[str, float]]] = []
-    for idx in common.chunks(range(len(samples)), cfg.batch_size):
-        session = engine.prefill([ctx_ids[i] for i in idx])
-        first = session.logits[:, None]
-        target = torch.tensor([cont_ids[i][:t] for i in idx], dtype=torch.long, device=first.device)
-        rest = engine.extend(session, target[:, :-1])
-        logits = torch.cat([first, rest], dim=1).float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, T]
-        nll_sum += float(nll.sum())
-        count += nll.numel()
-        for i, v in zip(idx, nll.mean(dim=1).tolist(), strict=True):
-            per_sample[i] = math.exp(v)
-        res = engine.continue_generation(session, 0)
-        parts.append((len(idx), common.cache_stats(session, res.stats)))
-    return {
-        "accuracy": None,
-        "ppl": math.exp(nll_sum / count),
-        "max_new_tokens": 0,
-        "prompt_tokens": round(sum(len(c) for c in ctx_ids) / len(samples), 1),
-        **common.mean_stats(parts),
-        "_predictions": [{"i": i, "ppl": p} for i, p in enumerate(per_sample)],
-    }
 
 
 def run_cell(model: Any, tokenizer: Any, cfg: EvalConfig, cell: Cell) -> dict[str, Any]:
     """Evaluate one cell on ``cfg.n`` samples; returns the measured fields (no identity fields)."""
-    from mpckv.plaintext.engine import Engine
-
-    engine = Engine(model, cell.method, **cfg.method_params(cell.method, cell.budget))
-    t0 = time.perf_counter()
-    fn = _qa_cell if cell.suite in QA_SUITES else _ppl_cell
-    out = fn(engine, model, tokenizer, cfg, cell)
-    out["seconds"] = round(time.perf_counter() - t0, 3)
-    return out
+    jobs = _jobs(model, cfg, [cell], "cell")
+    return next(iter(run_group(model, tokenizer, cfg, jobs)))[1]
 
 
 # ---------------------------------------------------------------------------------------------- grid
@@ -206,21 +136,35 @@ def run_eval(
         tokenizer = load_tokenizer(getattr(model, "source", None), model.config.vocab_size)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(todo), desc="eval", unit="cell", disable=not (progress and todo), dynamic_ncols=True)
+    groups: dict[tuple[str, int], list[Cell]] = {}
+    for c in todo:
+        groups.setdefault((c.suite, c.length), []).append(c)
+    partial = _read_partial(out, {cfg.key(c, mid) for c in todo})
+    total = len(todo) * cfg.n
+    bar = tqdm(total=total, desc="eval", unit="sample", disable=not (progress and todo), dynamic_ncols=True)
+    t_run = time.perf_counter()
+
+    def on_part(job: Job, idx: list[int], part: dict[str, Any]) -> None:
+        line = json.dumps({"key": job.key, "batch": idx, "part": part}, ensure_ascii=False)
+        with (out / PARTIAL).open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+
     try:
-        for cell in todo:
-            budget = "-" if cell.budget is None else cell.budget
-            bar.set_postfix_str(f"{cell.suite} L={cell.length} {cell.method} b={budget}", refresh=True)
-            measured = run_cell(model, tokenizer, cfg, cell)
-            rec = _record(cfg, cell, mid, measured)
-            records.append(rec)
-            done[cell_key(rec)] = rec
-            common.write_json(out / RESULTS, records)
-            _append_predictions(out, rec, measured.get("_predictions", []))
-            bar.update(1)
+        for (suite, length), group in groups.items():
+            bar.set_postfix_str(f"{suite} L={length}: {len(group)} cells", refresh=True)
+            jobs = _jobs(model, cfg, group, mid)
+            for job in jobs:
+                job.parts = partial.get(job.key, {})
+            for job, measured in run_group(model, tokenizer, cfg, jobs, on_part=on_part, progress=bar.update):
+                rec = _record(cfg, job.cell, mid, measured)
+                records.append(rec)
+                done[cell_key(rec)] = rec
+                common.write_json(out / RESULTS, records)
+                _append_predictions(out, rec, measured.get("_predictions", []))
+            _drop_partial(out, {j.key for j in jobs})
     finally:
         bar.close()
-    _write_meta(out, cfg, mid, len(todo))
+    _write_meta(out, cfg, mid, len(todo), time.perf_counter() - t_run)
     mine = [done[cfg.key(c, mid)] for c in cells]
     common.write_json(out / RESULTS, records)
     from mpckv.evals.report import results_markdown
@@ -240,7 +184,43 @@ def _append_predictions(out: Path, rec: dict[str, Any], preds: list[dict[str, An
             fh.write(json.dumps({**key, **p}, ensure_ascii=False) + "\n")
 
 
-def _write_meta(out: Path, cfg: EvalConfig, mid: str, ran: int) -> None:
+def _read_partial(out: Path, keys: set[str]) -> dict[str, dict[tuple[int, ...], dict[str, Any]]]:
+    """Batch parts of unfinished cells from ``partial.jsonl`` (a torn last line is ignored)."""
+    path = out / PARTIAL
+    found: dict[str, dict[tuple[int, ...], dict[str, Any]]] = {}
+    if not path.exists():
+        return found
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(item, dict) and item.get("key") in keys:
+            found.setdefault(item["key"], {})[tuple(item["batch"])] = item["part"]
+    return found
+
+
+def _drop_partial(out: Path, keys: set[str]) -> None:
+    """Remove the parts of finished cells from ``partial.jsonl`` (the file goes when empty)."""
+    path = out / PARTIAL
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("key") not in keys:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    if keep:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("\n".join(keep) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    else:
+        path.unlink()
+
+
+def _write_meta(out: Path, cfg: EvalConfig, mid: str, ran: int, seconds: float) -> None:
     path = out / META
     meta = common.read_json(path) if path.exists() else {"runs": []}
     if not isinstance(meta, dict) or not isinstance(meta.get("runs"), list):
@@ -253,6 +233,7 @@ def _write_meta(out: Path, cfg: EvalConfig, mid: str, ran: int) -> None:
             "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "cells_run": ran,
             "cells_total": len(cfg.cells()),
+            "seconds": round(seconds, 1),
         }
     )
     common.write_json(path, meta)

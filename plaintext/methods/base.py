@@ -25,6 +25,7 @@ from mpckv.budget import Budget
 from mpckv.config import ModelConfig
 from mpckv.errors import BudgetError
 from mpckv.plaintext.kv_cache import LayerCache
+from mpckv.plaintext.methods.params import validate_params
 
 
 @dataclass
@@ -104,9 +105,14 @@ class KVMethod:
     paper: ClassVar[str] = ""
     secure: ClassVar[str] = "no"  # "yes" | "planned" | "no"
     needs_decode_probs: ClassVar[bool] = False
+    #: Whether the method changes the prefill forward itself (the hidden states, not just the cache it
+    #: keeps). ``False`` lets the eval harness replay ``on_prefill`` on one shared dense prefill
+    #: (:meth:`mpckv.plaintext.engine.Engine.prefill_from`); ``True`` gets the method its own prefill.
+    changes_prefill: ClassVar[bool] = False
     default_budget: ClassVar[Any] = None
 
     def __post_init__(self) -> None:
+        validate_params(self)  # types and declared ranges of every hyper-parameter (one place)
         spec = self.budget if self.budget is not None else self.default_budget
         self._budget: Budget | None = Budget.parse(spec) if spec is not None else None
 

@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mpckv.kernels._common import reduce_groups
-from mpckv.kernels.page_bounds import num_valid_pages, page_minmax, update_page_minmax
+from mpckv.kernels.page_bounds import grow_page_bounds, num_valid_pages, page_minmax, widen_page_bounds_
 from mpckv.kernels.window_scores import window_column_scores
 from mpckv.plaintext.kv_cache import LayerCache
 from mpckv.plaintext.methods.topk import select_topk
@@ -45,6 +46,7 @@ __all__ = [
     "static_scores",
     "static_window_sizes",
     "tracked_boxes",
+    "tracked_proxy",
 ]
 
 
@@ -60,32 +62,64 @@ def cluster_boxes(keys: torch.Tensor, lengths: torch.Tensor, size: int) -> tuple
 
 
 def tracked_boxes(
-    state: dict[str, Any], cache: LayerCache, size: int, tag: str
+    state: dict[str, Any], cache: LayerCache, size: int, tag: str, length: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Boxes of ``cache`` at cluster ``size``, maintained incrementally in ``state[tag + …]``.
 
     Rebuilt from scratch on the first call, after a compaction (``cache.version`` changed) or when a row
     grew by more than one entry since the last call; otherwise only the cluster receiving the entry
-    appended at ``lengths − 1`` is widened (2·d comparisons per row, the paper's maintenance cost).
+    appended at ``lengths − 1`` is widened, in place (2·d comparisons per row, the paper's maintenance
+    cost). The buffers keep spare clusters and grow in chunks; the returned tensors are views of the
+    live clusters. ``length`` (the common row length, when the caller knows all rows share one) skips
+    the tensor bookkeeping of the common decode step. ``state[tag + "_updated"]`` tells
+    :func:`tracked_proxy` what changed: a cluster index, or ``None`` (rebuilt or several clusters).
     """
     lengths = cache.lengths
+    n_clusters = -(-(cache.max_length if length is None else length) // size)
+    same = state.get(tag + "_version") == cache.version and tag + "_min" in state
+    state[tag + "_updated"] = None
+    if same and length is not None and state.get(tag + "_n") == length - 1:
+        rmin, rmax = grow_page_bounds(state[tag + "_min"], state[tag + "_max"], n_clusters)
+        k_new = cache.k[:, :, length - 1].float()
+        c = (length - 1) // size
+        lo, hi = rmin[:, :, c], rmax[:, :, c]
+        torch.minimum(lo, k_new, out=lo)
+        torch.maximum(hi, k_new, out=hi)
+        state.update({tag + "_min": rmin, tag + "_max": rmax, tag + "_n": length, tag + "_lengths": None})
+        state[tag + "_updated"] = c
+        return rmin[:, :, :n_clusters], rmax[:, :, :n_clusters]
     prev = state.get(tag + "_lengths")
-    index = None
-    if prev is not None and prev.shape == lengths.shape and state.get(tag + "_version") == cache.version:
-        grown = lengths - prev
-        if bool(((grown == 0) | (grown == 1)).all()):
-            index = torch.where(grown == 1, lengths - 1, torch.full_like(lengths, -1))
-    if index is None:
+    if prev is None and state.get(tag + "_n") is not None:
+        prev = torch.full_like(lengths, state[tag + "_n"])
+    grown = lengths - prev if same and prev is not None and prev.shape == lengths.shape else None
+    if grown is None or not bool(((grown == 0) | (grown == 1)).all()):
         rmin, rmax = cluster_boxes(cache.keys(), lengths, size)
     else:
-        last = index.clamp_min(0)[..., None, None].expand(-1, -1, 1, cache.head_dim)
-        k_new = torch.gather(cache.k, 2, last)[:, :, 0]
-        rmin, rmax = update_page_minmax(
-            state[tag + "_min"], state[tag + "_max"], k_new, index, page_size=size
-        )
-    state.update({tag + "_min": rmin, tag + "_max": rmax, tag + "_lengths": lengths.clone()})
+        rmin, rmax = grow_page_bounds(state[tag + "_min"], state[tag + "_max"], n_clusters)
+        widen_page_bounds_(rmin, rmax, cache.k, lengths, grown, size)
+    state.update(
+        {tag + "_min": rmin, tag + "_max": rmax, tag + "_lengths": lengths.clone(), tag + "_n": None}
+    )
     state[tag + "_version"] = cache.version
-    return rmin, rmax
+    return rmin[:, :, :n_clusters], rmax[:, :, :n_clusters]
+
+
+def tracked_proxy(
+    state: dict[str, Any], cache: LayerCache, size: int, tag: str, alpha: float, length: int | None = None
+) -> torch.Tensor:
+    """Proxy vectors (:func:`proxy_vectors`) of the tracked boxes, maintained in place like the boxes:
+    only the widened cluster is recomputed on a plain decode step. Returns ``[B, Hk, C, d]`` (a view)."""
+    rmin, rmax = tracked_boxes(state, cache, size, tag, length)
+    c = state[tag + "_updated"]
+    r = state.get(tag + "_proxy")
+    if c is None or r is None or r.shape[:2] != rmin.shape[:2]:
+        r = proxy_vectors(state[tag + "_min"], state[tag + "_max"], alpha)
+    else:
+        if r.shape[2] < state[tag + "_min"].shape[2]:  # the boxes grew: spare clusters are empty (0)
+            r = F.pad(r, (0, 0, 0, state[tag + "_min"].shape[2] - r.shape[2]))
+        r[:, :, c] = alpha * rmax[:, :, c].float() + (1.0 - alpha) * rmin[:, :, c].float()
+    state[tag + "_proxy"] = r
+    return r[:, :, : rmin.shape[2]]
 
 
 def proxy_vectors(rmin: torch.Tensor, rmax: torch.Tensor, alpha: float) -> torch.Tensor:

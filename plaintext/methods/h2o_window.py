@@ -8,7 +8,7 @@ NeurIPS 2023, arXiv 2306.14048; the decode-time algorithm of that paper is :mod:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -47,7 +47,7 @@ class H2OWindow(KVMethod):
     :class:`~mpckv.plaintext.methods.h2o.H2O` (``normalize=False``).
     """
 
-    window: int = 32
+    window: int = field(default=32, metadata={"min": 1})
     group_reduce: str = "mean"
 
     family = "eviction"

@@ -54,6 +54,7 @@ Deviations from the official code
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,7 @@ import torch
 
 from mpckv.config import ModelConfig
 from mpckv.errors import ConfigError
+from mpckv.kernels._common import reduce_groups
 from mpckv.plaintext.methods.base import DecodeContext, KVMethod, PrefillContext, Selection
 from mpckv.plaintext.methods.clusters import (
     STATIC_MODES,
@@ -76,9 +78,10 @@ from mpckv.plaintext.methods.clusters import (
     static_scores,
     static_window_sizes,
     tracked_boxes,
+    tracked_proxy,
 )
 from mpckv.plaintext.methods.scorers import GROUP_REDUCES, check_choice
-from mpckv.plaintext.methods.topk import select_topk
+from mpckv.plaintext.methods.topk import select_topk, topk_ascending
 from mpckv.registry import register_method
 
 _SHARED_SEL = "mpcache_shared_selection"
@@ -309,14 +312,73 @@ class MPCache(KVMethod):
             if entry is None or entry[0] != ctx.step or not torch.equal(entry[1], ctx.cache.lengths):
                 raise ConfigError(f"mpcache: layer {ctx.layer} has no matching selection of layer {leader}")
             return entry[2]
-        levels = self.select_clusters(ctx)
+        n = _uniform(ctx.cache.lengths)
+        seen = _uniform(ctx.positions)
+        if n is not None and seen is not None and self.resolved_budget.kind != "per_head":
+            levels, sel = self._select_uniform(ctx, n, seen + 1)
+        else:
+            levels = self.select_clusters(ctx)
+            sel = None
+            if levels is not None:
+                idx, valid = clusters_to_tokens(*levels[-1], self.cluster_sizes[-1], ctx.cache.lengths)
+                sel = Selection(index=idx, valid=valid)
         ctx.state["mpcache_levels"] = levels
-        sel = None
-        if levels is not None:
-            idx, valid = clusters_to_tokens(*levels[-1], self.cluster_sizes[-1], ctx.cache.lengths)
-            sel = Selection(index=idx, valid=valid)
         self._slot(ctx, ctx.layer)[_SHARED_SEL] = (ctx.step, ctx.cache.lengths.clone(), sel)
         return sel
+
+    def _select_uniform(
+        self, ctx: DecodeContext, n: int, seen: int
+    ) -> tuple[Levels | None, Selection | None]:
+        """:meth:`select_clusters` + token expansion when every row has ``n`` entries and has seen ``seen``
+        tokens: Python-int budgets, in-place boxes and proxies, and a masked sort per level instead of
+        the general masks. Same picks as the general path (ties to the lower index)."""
+        sizes, s_last = self.cluster_sizes, self.cluster_sizes[-1]
+        nv = [-(-n // s) for s in sizes]
+        tokens = self.resolved_budget.tokens_for(max(n, seen), ctx.layer, 0)
+        k_last = nv[-1] if tokens >= n else max(2, tokens // s_last)
+        if k_last >= nv[-1]:
+            return None, None
+        ratios = self.level_ratios if isinstance(self.level_ratios, tuple) else (self.level_ratios,)
+        ks = [min(k_last, nv[-1])]
+        for lvl in range(len(sizes) - 2, -1, -1):  # level_budgets on Python ints
+            c, r = nv[lvl], sizes[lvl] // sizes[lvl + 1]
+            base = max(2, int(math.floor(c * ratios[lvl] + 1e-9)))
+            c_last = nv[lvl + 1] - max(c - 1, 0) * r
+            need = 1 + max(0, -(-(ks[0] - c_last) // r))
+            ks.insert(0, min(c, max(base, need)))
+        b, h, d = ctx.q.shape
+        hk = ctx.cache.kv_heads
+        q = ctx.q.float().view(b, hk, h // hk, d)
+        levels: Levels = []
+        picks: torch.Tensor | None = None
+        for lvl, (size, c, k) in enumerate(zip(sizes, nv, ks, strict=True)):
+            r_vec = tracked_proxy(ctx.state, ctx.cache, size, f"mpcache_box{lvl}", self.alpha, n)
+            u = reduce_groups(q @ r_vec.transpose(-1, -2), self.group_reduce, dim=2)  # [B, Hk, C]
+            if picks is not None:  # only the children of the previous level's picks
+                br = sizes[lvl - 1] // size
+                allowed = torch.zeros(b, hk, c, dtype=torch.bool, device=u.device)
+                kids = (picks[..., None] * br + torch.arange(br, device=u.device)).reshape(b, hk, -1)
+                allowed.scatter_(2, kids.clamp_max(c - 1), True)
+                u = u.masked_fill(~allowed, float("-inf"))
+                c_last = c - (nv[lvl - 1] - 1) * br
+                k = min(k, (picks.shape[-1] - 1) * br + c_last)
+            u[..., 0] = float("inf")
+            u[..., c - 1] = float("inf")
+            picks = topk_ascending(u, k)
+            levels.append((picks, torch.ones_like(picks, dtype=torch.bool)))
+        assert picks is not None
+        k = picks.shape[-1]
+        tok = (picks[..., None] * s_last + torch.arange(s_last, device=picks.device)).reshape(
+            b, hk, k * s_last
+        )
+        index = tok[..., : k * s_last - (nv[-1] * s_last - n)].contiguous()  # the last cluster is last
+        return levels, Selection(index=index, valid=torch.ones_like(index, dtype=torch.bool))
+
+
+def _uniform(x: torch.Tensor) -> int | None:
+    """The common value of every element of ``x`` (one host sync), or ``None``."""
+    flat = x.flatten().tolist()
+    return int(flat[0]) if flat and all(v == flat[0] for v in flat) else None
 
 
 def _secure() -> Any:

@@ -20,6 +20,9 @@ Deviations from the paper (see ``shared/methods/quest.md``):
   ``inference_page_budget``). A token budget of at least the row length reads every page.
 * **Bounds on post-RoPE keys**, as in the paper (looser for far pages since RoPE rotates channel pairs).
 * **Optional sink page** (``sink_page=True`` forces page 0); off by default as in Quest.
+* **Cost.** Page bounds are updated in place for the one appended entry (buffers with spare pages, grown
+  in chunks), the page budget is computed once per step when rows share a length, and that common case
+  ranks and expands pages without masks (see :meth:`Quest.select`).
 * **No kernel-path paging.** Metadata and the selection are plain tensors: pages are built over the
   engine's (compacted) cache layout, page bounds come from :mod:`mpckv.kernels.page_bounds`, and the
   selected pages are expanded to token indices that the engine gathers (no paged-attention kernel).
@@ -35,9 +38,16 @@ from typing import Literal
 import torch
 
 from mpckv.errors import ConfigError
-from mpckv.kernels.page_bounds import num_valid_pages, page_minmax, page_upper_bound, update_page_minmax
+from mpckv.kernels._common import reduce_groups
+from mpckv.kernels.page_bounds import (
+    grow_page_bounds,
+    num_valid_pages,
+    page_minmax,
+    page_upper_bound,
+    widen_page_bounds_,
+)
 from mpckv.plaintext.methods.base import DecodeContext, KVMethod, Selection
-from mpckv.plaintext.methods.topk import select_topk
+from mpckv.plaintext.methods.topk import select_topk, topk_ascending
 from mpckv.registry import register_method
 
 _GROUP_REDUCES = ("max", "mean", "sum")
@@ -95,34 +105,31 @@ class Quest(KVMethod):
     def page_bounds(self, ctx: DecodeContext) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-page key bounds ``kmin, kmax [B, Hk, n_pages, d]`` (fp32) of the current cache.
 
-        Kept in ``ctx.state``: rebuilt from scratch on the first call, after a compaction
-        (``cache.version`` changed) or when rows changed by more than one append since the last call;
-        otherwise updated with the entry appended at ``lengths - 1`` of every row that grew by one.
+        Kept in ``ctx.state`` (``quest_kmin`` / ``quest_kmax``, buffers with spare pages that grow in
+        chunks; the returned tensors are views of their first ``n_pages``): rebuilt from scratch on the
+        first call, after a compaction (``cache.version`` changed) or when rows changed by more than one
+        append since the last call; otherwise only the page receiving the entry appended at
+        ``lengths - 1`` of every row that grew is widened, in place (``2·d`` comparisons per row).
         """
         cache, st = ctx.cache, ctx.state
         lengths = cache.lengths
+        n_pages = -(-cache.max_length // self.page_size)
         prev = st.get("quest_lengths")
-        index = None
-        if (
+        same = (
             prev is not None
             and prev.shape == lengths.shape
             and st.get("quest_version") == cache.version
             and st.get("quest_page_size") == self.page_size
-        ):
-            grown = lengths - prev
-            if bool(((grown == 0) | (grown == 1)).all()):
-                index = torch.where(grown == 1, lengths - 1, torch.full_like(lengths, -1))
-        if index is None:
+        )
+        grown = lengths - prev if same else None
+        if grown is None or not bool(((grown == 0) | (grown == 1)).all()):
             kmin, kmax = page_minmax(cache.keys(), lengths, self.page_size)
         else:
-            last = index.clamp_min(0)[..., None, None].expand(-1, -1, 1, cache.head_dim)
-            k_new = torch.gather(cache.k, 2, last)[:, :, 0]
-            kmin, kmax = update_page_minmax(
-                st["quest_kmin"], st["quest_kmax"], k_new, index, page_size=self.page_size
-            )
+            kmin, kmax = grow_page_bounds(st["quest_kmin"], st["quest_kmax"], n_pages)
+            widen_page_bounds_(kmin, kmax, cache.k, lengths, grown, self.page_size)
         st.update(quest_kmin=kmin, quest_kmax=kmax, quest_lengths=lengths.clone())
         st.update(quest_version=cache.version, quest_page_size=self.page_size)
-        return kmin, kmax
+        return kmin[:, :, :n_pages], kmax[:, :, :n_pages]
 
     def page_scores(self, ctx: DecodeContext) -> torch.Tensor:
         """Quest bounds ``[B, Hk, n_pages]`` (fp32) reduced over each GQA group, ``-inf`` past the end."""
@@ -169,7 +176,42 @@ class Quest(KVMethod):
         return select_topk(scores, k_pages, forced=forced & ~invalid, invalid=invalid)
 
     def select(self, ctx: DecodeContext) -> Selection | None:
-        """Token indices of the selected pages; entries past a row's length are marked invalid."""
+        """Token indices of the selected pages; entries past a row's length are marked invalid.
+
+        When every row has the same length and budget (batch of equal prompts, a budget uniform over
+        heads) a lean path scores, ranks and expands the pages with a handful of tensor operations and no
+        masks; it returns exactly what the general path returns (same ranking, ties to the lower page).
+        """
+        if ctx.layer < self.skip_layers:
+            return None
+        n = _uniform_length(ctx.cache.lengths)
+        if n is not None and self.resolved_budget.kind != "per_head":
+            return self._select_uniform(ctx, n)
+        return self._select_general(ctx)
+
+    def _select_uniform(self, ctx: DecodeContext, n: int) -> Selection | None:
+        p = self.page_size
+        nv = -(-n // p)
+        tokens = self.resolved_budget.tokens_for(n, ctx.layer, 0)
+        k = nv if tokens >= n else max(self.min_pages, 2 if self.sink_page else 1, tokens // p)
+        if nv <= k:
+            return None
+        kmin, kmax = self.page_bounds(ctx)
+        b, h, d = ctx.q.shape
+        hk = kmin.shape[1]
+        q = ctx.q.float().view(b, hk, h // hk, d)
+        u = q.clamp_min(0) @ kmax.transpose(-1, -2) + q.clamp_max(0) @ kmin.transpose(-1, -2)
+        scores = reduce_groups(u, self.group_reduce, dim=2)  # [B, Hk, nv]
+        scores[..., nv - 1] = float("inf")  # the page holding the current token
+        if self.sink_page:
+            scores[..., 0] = float("inf")
+        pages = topk_ascending(scores, k)  # ascending; the last page (nv - 1) comes last
+        tok = (pages[..., None] * p + torch.arange(p, device=pages.device)).reshape(b, hk, k * p)
+        count = k * p - (nv * p - n)  # the last page may be partial: its tail is at the end
+        index = tok[..., :count].contiguous()
+        return Selection(index=index, valid=torch.ones_like(index, dtype=torch.bool))
+
+    def _select_general(self, ctx: DecodeContext) -> Selection | None:
         pages = self.select_pages(ctx)
         if pages is None:
             return None
@@ -186,3 +228,9 @@ class Quest(KVMethod):
         index = torch.where(valid, key, torch.zeros_like(key))
         width = int(valid.sum(-1).max())
         return Selection(index=index[..., :width].contiguous(), valid=valid[..., :width].contiguous())
+
+
+def _uniform_length(lengths: torch.Tensor) -> int | None:
+    """The common length of every row, or ``None`` when rows differ (one host sync)."""
+    flat = lengths.flatten().tolist()
+    return flat[0] if flat and all(x == flat[0] for x in flat) else None

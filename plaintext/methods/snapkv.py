@@ -7,7 +7,7 @@ Before Generation.* NeurIPS 2024, arXiv 2404.14469 (official code FasterDecoding
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,8 +61,8 @@ class SnapKV(KVMethod):
     always the last ``w`` prompt tokens (no separately supplied question).
     """
 
-    window: int = 32
-    kernel_size: int = 7
+    window: int = field(default=32, metadata={"min": 1})
+    kernel_size: int = field(default=7, metadata={"min": 1})
     pooling: str = "max"
     group_reduce: str = "mean"
 

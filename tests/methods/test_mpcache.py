@@ -12,6 +12,7 @@ from mpckv.errors import ConfigError
 from mpckv.plaintext.engine import Engine
 from mpckv.plaintext.kv_cache import LayerCache
 from mpckv.plaintext.methods import clusters as clusters_module
+from mpckv.plaintext.methods import mpcache as mpcache_module
 from mpckv.plaintext.methods.base import DecodeContext, PrefillContext
 from mpckv.plaintext.methods.clusters import (
     children_mask,
@@ -417,3 +418,40 @@ def test_selection_reads_the_budget(model):
     kept, read = res.stats.kept_per_layer, res.stats.read_per_layer
     assert kept[:2] == [95.0, 95.0] and kept[2:] == [50.0] * 4
     assert read[0] == read[1] > read[2] and all(r <= 8 for r in read[2:])
+
+
+# ---------------------------------------------------------------------------- lean uniform path
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("budget", [8, 20, 0.3, 0.1])
+@pytest.mark.parametrize(("sizes", "reduce"), [((8, 4), "mean"), ((16, 8, 4), "max"), ((8, 2), "sum")])
+def test_uniform_path_equals_general_path(seed, budget, sizes, reduce):
+    n = [61, 64, 97][seed]
+    m = MPCache(budget=budget, cluster_sizes=sizes, group_reduce=reduce, share="none")
+    ctx = decode_ctx([[n, n], [n, n]], seed=seed, position=n + 5)
+    levels, sel = m._select_uniform(ctx, n, n + 6)
+    ctx.state.clear()
+    ref = m.select_clusters(ctx)
+    assert (levels is None) == (ref is None)
+    if levels is None or ref is None:
+        return
+    for (i, v), (ri, rv) in zip(levels, ref, strict=True):
+        assert torch.equal(i, ri[..., : i.shape[-1]]) and bool(rv.all()) and i.shape == ri.shape and v.all()
+    idx, valid = clusters_to_tokens(*ref[-1], sizes[-1], ctx.cache.lengths)
+    assert sel is not None and torch.equal(sel.index, idx) and torch.equal(sel.valid, valid)
+
+
+def test_engine_uniform_path_matches_general_path(model, monkeypatch):
+    """Whole generations: the lean path gives the tokens and logits of the general path."""
+    m = MPCache(budget=0.3, cluster_sizes=(8, 4), share="pairs", static_ratio=0.6)
+    p = [prompt(70, 9)]
+    t_fast, l_fast, s_fast = greedy(Engine(model, m), p, 20)
+    monkeypatch.setattr(mpcache_module, "_uniform", lambda x: None)
+    t_slow, l_slow, _ = greedy(Engine(model, m), p, 20)
+    assert torch.equal(t_fast, t_slow)
+    torch.testing.assert_close(l_fast, l_slow, atol=1e-6, rtol=1e-6)
+    for layer in (2, 4):  # the leaders: their in-place proxies equal a recompute from the boxes
+        st, lc = s_fast.states[layer], s_fast.cache[layer]
+        for lvl, size in enumerate((8, 4)):
+            rmin, rmax = cluster_boxes(lc.keys(), lc.lengths, size)
+            c = rmin.shape[2]
+            assert torch.equal(st[f"mpcache_box{lvl}_proxy"][:, :, :c], proxy_vectors(rmin, rmax, m.alpha))

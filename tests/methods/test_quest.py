@@ -234,3 +234,49 @@ def test_composition_reads_product_of_fractions(tiny_random_model, evictor):
     # Quest reads K = (0.5 * kept) // 4 pages of what the evictor kept, the last one possibly partial
     assert 0.25 * n - 2 * 4 <= res.stats.read_per_layer[2] <= 0.25 * (n + steps)
     assert res.stats.read_per_layer[0] == pytest.approx(kept, abs=steps)  # skipped layer reads all kept
+
+
+# ---------------------------------------------------------------------------- lean uniform path
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("budget", [4, 9, 0.3, [5, 6, 7, 12]])
+@pytest.mark.parametrize(("reduce", "sink"), [("max", False), ("mean", True), ("sum", False)])
+def test_uniform_path_equals_general_path(seed, budget, reduce, sink):
+    n = [37, 40, 64][seed]
+    ctx = make_ctx([[n, n], [n, n]], seed=seed)
+    m = Quest(budget=budget, page_size=4, skip_layers=0, group_reduce=reduce, sink_page=sink)
+    fast = m._select_uniform(ctx, n)
+    ctx.state.clear()
+    slow = m._select_general(ctx)
+    assert (fast is None) == (slow is None)
+    if fast is not None and slow is not None:
+        assert torch.equal(fast.index, slow.index) and torch.equal(fast.valid, slow.valid)
+
+
+def test_bounds_are_updated_in_place(tiny_random_model):
+    engine = Engine(tiny_random_model, Quest(budget=8, page_size=4, skip_layers=0))
+    session = engine.prefill([prompt(30, 5)])
+    engine.decode(session, torch.tensor([1]))  # builds the bounds (with spare pages)
+    ptrs = [{st["quest_kmin"].data_ptr()} for st in session.states]
+    for t in range(12):
+        engine.decode(session, torch.tensor([t]))
+        for seen, st in zip(ptrs, session.states, strict=True):
+            seen.add(st["quest_kmin"].data_ptr())
+    assert all(len(seen) <= 2 for seen in ptrs)  # one growth by a chunk of pages, no per-step copy
+    for layer, st in enumerate(session.states):
+        lc = session.cache[layer]
+        kmin, kmax = page_minmax(lc.keys(), lc.lengths, 4)
+        n = kmin.shape[2]
+        assert torch.equal(st["quest_kmin"][:, :, :n], kmin) and torch.equal(st["quest_kmax"][:, :, :n], kmax)
+
+
+def test_topk_ascending_equals_select_topk_with_ties():
+    from mpckv.plaintext.methods.topk import select_topk, topk_ascending
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n = int(torch.randint(2, 40, (1,), generator=gen))
+        k = int(torch.randint(1, n + 1, (1,), generator=gen))
+        scores = torch.randint(0, 4 if trial % 2 else 1000, (2, 3, n), generator=gen).float()  # many ties
+        scores[..., -1] = float("inf")
+        idx, valid = select_topk(scores, k)
+        assert valid.all() and torch.equal(topk_ascending(scores, k), idx)

@@ -31,7 +31,38 @@ def test_kept_pattern_and_never_exceeds(tiny_random_model):
         for lc in s.cache.layers:
             assert lc.max_length <= 11
             want = [0, 1, 2, *range(30 + t - 7, 30 + t + 1)]
-            assert lc.positions()[0, 0].tolist() == want
+            got = lc.positions()[0, 0].tolist()
+            assert got[:3] == [0, 1, 2] and sorted(got) == want  # sinks stay first; window unordered
+
+
+def test_decode_eviction_moves_one_entry_not_the_cache(tiny_random_model):
+    """After the prompt cut, a decode step evicts in place: the K storage is not reallocated."""
+    eng = mpckv.Engine(tiny_random_model, "streamingllm", sinks=2, window=6)
+    s = eng.prefill([_prompt(20)])
+    eng.decode(s, torch.tensor([1]))  # the first append may grow the capacity once
+    ptrs = [lc.k.data_ptr() for lc in s.cache.layers]
+    for t in range(5):
+        eng.decode(s, torch.tensor([t]))
+    assert [lc.k.data_ptr() for lc in s.cache.layers] == ptrs
+
+
+def test_same_tokens_as_reference_compaction(tiny_random_model):
+    """Generation equals a reference that recompacts the cache in position order at every step."""
+    p = _prompt(24, 3)
+    eng = mpckv.Engine(tiny_random_model, "streamingllm", sinks=2, window=5)
+    out = eng.generate([p], 8, stop_tokens=[]).tokens
+    ref = mpckv.Engine(tiny_random_model)
+    s = ref.prefill([p])
+    toks = []
+    for _ in range(8):
+        tok = int(s.logits.argmax(-1))
+        toks.append(tok)
+        for lc in s.cache.layers:  # keep sinks + the 4 most recent (room for the next append)
+            n = lc.max_length
+            keep = [0, 1, *range(max(2, n - 4), n)]
+            lc.compact(torch.tensor(keep).expand(1, lc.kv_heads, -1))
+        ref.decode(s, torch.tensor([tok]))
+    assert out[0] == toks[: len(out[0])]
 
 
 def test_equals_masked_dense(tiny_random_model):
@@ -68,3 +99,18 @@ def test_bad_params():
         mpckv.get_method("streamingllm", window=0)
     with pytest.raises(BudgetError):
         mpckv.get_method("streamingllm", budget=2.5)
+
+
+@pytest.mark.parametrize("n", [5, 11, 12, 30])
+def test_ring_keeps_sinks_and_the_most_recent(tiny_random_model, n):
+    """Prompts shorter than, equal to and longer than the capacity: after every step the cache holds
+    exactly the sinks and the most recent tokens (as a set), never more than sinks + window."""
+    eng = mpckv.Engine(tiny_random_model, "streamingllm", sinks=3, window=8)
+    s = eng.prefill([_prompt(n)])
+    for t in range(15):
+        eng.decode(s, torch.tensor([t + 1]))
+        total = n + t + 1
+        want = sorted({*range(min(3, total)), *range(max(0, total - 8), total)})
+        for lc in s.cache.layers:
+            got = lc.positions()[0, 0].tolist()
+            assert sorted(got) == want and len(got) == len(want) <= 11

@@ -43,7 +43,7 @@ from mpckv.plaintext.methods.clusters import (
     static_window_sizes,
 )
 from mpckv.plaintext.methods.mpcache import MPCache
-from mpckv.plaintext.methods.topk import select_topk
+from mpckv.plaintext.methods.topk import select_topk, topk_ascending
 from mpckv.plaintext.model import LlamaModel
 from mpckv.protocols import comm
 from mpckv.protocols.compat import import_crypten
@@ -122,12 +122,16 @@ def recording_gaps():
 
         return topk
 
-    old = mm.select_topk, cl.select_topk
-    mm.select_topk, cl.select_topk = wrap("static"), wrap("select")
+    def ascending(scores: torch.Tensor, k: int) -> Any:  # the uniform-length fast path of the selection
+        rec["select"].append(boundary_gap(scores, k, torch.isposinf(scores), torch.isneginf(scores)))
+        return topk_ascending(scores, k)
+
+    old = mm.select_topk, cl.select_topk, mm.topk_ascending
+    mm.select_topk, cl.select_topk, mm.topk_ascending = wrap("static"), wrap("select"), ascending
     try:
         yield rec
     finally:
-        mm.select_topk, cl.select_topk = old
+        mm.select_topk, cl.select_topk, mm.topk_ascending = old
 
 
 def _reveal(x: Any) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Benchmarks: ``mpckv bench plaintext`` (plaintext speed and memory vs dense and transformers)."""

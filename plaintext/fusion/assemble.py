@@ -1,0 +1,169 @@
+"""Prompt assembly for KV fusion: cached chunks and raw segments → ids, positions, segment ids, old K/V.
+
+A request is a list of segments: :class:`Chunk` (a span whose KV may be reused from the store) and
+:class:`Raw` (tokens that are always computed fresh, e.g. the question). Token ids are concatenated per
+segment as given; the joined text is never re-tokenized (boundary merges would change the ids and break
+cache hits). Positions are absolute and contiguous (``0..N-1``); each chunk's canonical cache is rotated
+once to its offset (:func:`~mpckv.plaintext.fusion.rerotate.rotate_chunk`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mpckv.errors import ConfigError
+from mpckv.plaintext.fusion.rerotate import rotate_chunk
+from mpckv.plaintext.fusion.store import ChunkKV, ChunkKVStore
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A reusable span (looked up in / written to the chunk store)."""
+
+    token_ids: tuple[int, ...]
+
+    def __init__(self, token_ids: Sequence[int]) -> None:
+        object.__setattr__(self, "token_ids", tuple(int(t) for t in token_ids))
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Tokens computed fresh in every request (question, instruction, cache misses by choice)."""
+
+    token_ids: tuple[int, ...]
+
+    def __init__(self, token_ids: Sequence[int]) -> None:
+        object.__setattr__(self, "token_ids", tuple(int(t) for t in token_ids))
+
+
+Segment = Chunk | Raw
+
+
+@dataclass
+class AssembledPrompt:
+    """The assembled request.
+
+    ``ids, positions, segment_ids [N]`` (long), ``cached [N]`` (bool: the row's KV comes from a chunk
+    cache), ``spans`` (``(start, end, kind)`` per segment, kind ``"chunk"`` | ``"raw"``), and for cached
+    rows the re-rotated ``k_old, v_old [L, Hk, N, d]`` (zeros on raw rows).
+    """
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    segment_ids: torch.Tensor
+    cached: torch.Tensor
+    spans: list[tuple[int, int, str]]
+    k_old: torch.Tensor
+    v_old: torch.Tensor
+    hits: int = 0
+    misses: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def num_cached(self) -> int:
+        return int(self.cached.sum())
+
+    def chunk_spans(self) -> list[tuple[int, int]]:
+        return [(s, e) for s, e, kind in self.spans if kind == "chunk"]
+
+    def suffix_start(self) -> int:
+        """Start of the trailing raw segments (the question block); ``N`` when the prompt ends in a chunk."""
+        start = self.num_tokens
+        for s, _e, kind in reversed(self.spans):
+            if kind != "raw":
+                break
+            start = s
+        return start
+
+
+def as_segments(segments: Sequence[Any]) -> list[Segment]:
+    """Accept :class:`Chunk` / :class:`Raw` objects, or ``("chunk" | "raw", ids)`` pairs."""
+    out: list[Segment] = []
+    for seg in segments:
+        if isinstance(seg, Chunk | Raw):
+            out.append(seg)
+        elif isinstance(seg, tuple) and len(seg) == 2 and seg[0] in ("chunk", "raw"):
+            out.append(Chunk(seg[1]) if seg[0] == "chunk" else Raw(seg[1]))
+        else:
+            raise ConfigError(f"a segment must be Chunk(ids), Raw(ids) or ('chunk'|'raw', ids), got {seg!r}")
+    if not out or any(len(s.token_ids) == 0 for s in out):
+        raise ConfigError("prefill_segments needs at least one segment and no empty segment")
+    return out
+
+
+@torch.no_grad()
+def compute_chunk(model: Any, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill ``token_ids`` alone at positions ``0..n-1``: canonical ``k, v [L, Hk, n, d]``."""
+    from mpckv.plaintext.engine import Engine
+
+    session = Engine(model, "dense").prefill([list(token_ids)])
+    ks = torch.stack([lc.keys()[0] for lc in session.cache.layers])
+    vs = torch.stack([lc.values()[0] for lc in session.cache.layers])
+    return ks, vs
+
+
+def assemble(model: Any, segments: Sequence[Segment], store: ChunkKVStore) -> AssembledPrompt:
+    """Look every chunk up (computing and storing misses), rotate it to its offset, build the tensors."""
+    cfg, dev = model.config, model.device
+    t0 = time.perf_counter()
+    ids: list[int] = []
+    seg_ids: list[int] = []
+    cached: list[bool] = []
+    spans: list[tuple[int, int, str]] = []
+    placed: list[tuple[int, ChunkKV]] = []
+    hits = misses = 0
+    compute_s = 0.0
+    for i, seg in enumerate(segments):
+        start = len(ids)
+        ids.extend(seg.token_ids)
+        seg_ids.extend([i] * len(seg.token_ids))
+        if isinstance(seg, Chunk):
+            tc = time.perf_counter()
+            chunk, hit = store.get_or_compute(seg.token_ids, lambda t: compute_chunk(model, t))
+            if hit:
+                hits += 1
+            else:
+                misses += 1
+                compute_s += time.perf_counter() - tc
+            placed.append((start, chunk))
+            cached.extend([True] * len(seg.token_ids))
+            spans.append((start, len(ids), "chunk"))
+        else:
+            cached.extend([False] * len(seg.token_ids))
+            spans.append((start, len(ids), "raw"))
+    n = len(ids)
+    if n > cfg.max_position_embeddings:
+        raise ConfigError(
+            f"assembled prompt has {n} tokens > max_position_embeddings {cfg.max_position_embeddings}"
+        )
+    t1 = time.perf_counter()
+    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, n, cfg.head_dim)
+    k_old = torch.zeros(shape, dtype=model.dtype, device=dev)
+    v_old = torch.zeros(shape, dtype=model.dtype, device=dev)
+    with store.use([c.key for _, c in placed]):
+        for start, chunk in placed:
+            end = start + chunk.num_tokens
+            k_old[:, :, start:end] = rotate_chunk(chunk.k.to(dev), start, model.inv_freq).to(model.dtype)
+            v_old[:, :, start:end] = chunk.v.to(device=dev, dtype=model.dtype)
+    t2 = time.perf_counter()
+    return AssembledPrompt(
+        ids=torch.tensor(ids, dtype=torch.long, device=dev),
+        positions=torch.arange(n, device=dev),
+        segment_ids=torch.tensor(seg_ids, dtype=torch.long, device=dev),
+        cached=torch.tensor(cached, dtype=torch.bool, device=dev),
+        spans=spans,
+        k_old=k_old,
+        v_old=v_old,
+        hits=hits,
+        misses=misses,
+        timings={"lookup_s": t1 - t0 - compute_s, "miss_compute_s": compute_s, "rotate_s": t2 - t1},
+    )
