@@ -30,6 +30,8 @@ METHODS = [
     ("pyramidkv", {"budget": 0.2, "window": 16}),
     ("quest", {"budget": 0.2, "page_size": 16}),
     ("mpcache", {"budget": 0.2}),
+    ("razorattention", {"budget": 0.2}),  # shipped retrieval-head calibration for tiny
+    ("trimkv", {"budget": 0.2}),  # shipped retention gates for tiny
 ]
 
 

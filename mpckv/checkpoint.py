@@ -29,7 +29,12 @@ def _resolve_dir(path: str | Path) -> Path:
         return TINY_DIR
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"checkpoint directory {p} does not exist")
+        from mpckv.models import MODELS
+
+        raise CheckpointError(
+            f"checkpoint directory {p} does not exist (a model is an HF-layout directory, a .gguf file, "
+            f"'tiny' or a named model: {', '.join(sorted(MODELS))}; see `mpckv models`)"
+        )
     if not p.is_dir():
         raise CheckpointError(f"{p} is not a directory (expected an HF-layout checkpoint directory)")
     return p
