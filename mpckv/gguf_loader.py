@@ -36,7 +36,7 @@ import torch
 
 from mpckv.config import ModelConfig, RopeConfig
 from mpckv.errors import CheckpointError, ConfigError
-from mpckv.plaintext.model import LayerWeights, LlamaModel
+from mpckv.plaintext.model import LayerWeights, LlamaModel, layer_shapes
 
 __all__ = ["ARCHITECTURES", "find_gguf", "gguf_config", "load_gguf", "read_gguf", "unpermute_rows"]
 
@@ -284,26 +284,8 @@ def load_gguf(
     cfg = config or gguf_config(reader, path)
     permuted = ARCHITECTURES.get(str(field(reader, "general.architecture")), ("", False))[1]
     tensors = {t.name: t for t in reader.tensors}
-    d, hd, ff = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    nq, nk = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    shapes = {
-        "input_norm": (d,),
-        "q_proj": (nq, d),
-        "k_proj": (nk, d),
-        "v_proj": (nk, d),
-        "o_proj": (d, nq),
-        "post_norm": (d,),
-        "gate_proj": (ff, d),
-        "up_proj": (ff, d),
-        "down_proj": (d, ff),
-        "q_bias": (nq,),
-        "k_bias": (nk,),
-        "v_bias": (nk,),
-        "o_bias": (d,),
-        "gate_bias": (ff,),
-        "up_bias": (ff,),
-        "down_bias": (d,),
-    }
+    d = cfg.hidden_size
+    shapes = layer_shapes(cfg)
     wanted = {"token_embd.weight", "output_norm.weight"} | (
         {"output.weight"} if "output.weight" in tensors else set()
     )

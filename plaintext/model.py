@@ -41,6 +41,30 @@ class LayerWeights:
     down_bias: torch.Tensor | None = None
 
 
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every :class:`LayerWeights` field for ``cfg`` (weights and optional biases)."""
+    d, hd, ff = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    nq, nk = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    return {
+        "input_norm": (d,),
+        "q_proj": (nq, d),
+        "k_proj": (nk, d),
+        "v_proj": (nk, d),
+        "o_proj": (d, nq),
+        "post_norm": (d,),
+        "gate_proj": (ff, d),
+        "up_proj": (ff, d),
+        "down_proj": (d, ff),
+        "q_bias": (nq,),
+        "k_bias": (nk,),
+        "v_bias": (nk,),
+        "o_bias": (d,),
+        "gate_bias": (ff,),
+        "up_bias": (ff,),
+        "down_bias": (d,),
+    }
+
+
 class LlamaModel:
     """Llama-family decoder.
 

@@ -15,7 +15,7 @@ import torch
 
 from mpckv.config import ModelConfig, RopeConfig
 from mpckv.errors import ConfigError
-from mpckv.plaintext.model import LayerWeights, LlamaModel
+from mpckv.plaintext.model import LayerWeights, LlamaModel, layer_shapes
 from mpckv.protocols import comm
 from mpckv.protocols.backend import CrypTenBackend, SecretTokens
 from mpckv.protocols.compat import import_crypten
@@ -59,26 +59,8 @@ def share_model(
         if _rank() == src and model is None:
             raise ConfigError(f"party {src} must hold the model")
         c = config
-        d, hd = c.hidden_size, c.head_dim
-        nq, nk, ff = c.num_attention_heads * hd, c.num_key_value_heads * hd, c.intermediate_size
-        shapes = {
-            "input_norm": (d,),
-            "q_proj": (nq, d),
-            "k_proj": (nk, d),
-            "v_proj": (nk, d),
-            "o_proj": (d, nq),
-            "post_norm": (d,),
-            "gate_proj": (ff, d),
-            "up_proj": (ff, d),
-            "down_proj": (d, ff),
-            "q_bias": (nq,),
-            "k_bias": (nk,),
-            "v_bias": (nk,),
-            "o_bias": (d,),
-            "gate_bias": (ff,),
-            "up_bias": (ff,),
-            "down_bias": (d,),
-        }
+        d = c.hidden_size
+        shapes = layer_shapes(c)
         present = _present_biases(model, src)
         layers = []
         for i in range(c.num_hidden_layers):
