@@ -150,6 +150,7 @@ class Engine:
             ctx = PrefillContext(
                 layer, cfg, cache[layer], q, lengths, model.scale, states[layer], model.inv_freq, states, xp
             )
+            ctx.kv = cache
             with xp.scope(phase="method", layer=layer):
                 self.method.on_prefill(ctx)
             with xp.scope(phase="prefill", layer=layer):
@@ -226,6 +227,7 @@ class Engine:
                 model.inv_freq,
                 states,
                 xp,
+                cache,
             )
             with xp.scope(phase="method", layer=layer):
                 self.method.on_prefill(ctx)
@@ -279,10 +281,12 @@ class Engine:
                 session.states[layer],
                 session.states,
                 xp,
+                session.cache,
             )
             with xp.scope(phase="selection", layer=layer):
                 with span(tm, "method"):
                     self.method.before_append(ctx)
+                lc = ctx.cache  # a hook may have swapped the storage format
                 with span(tm, "append"):
                     lc.append(k, v, pos[:, None])
                 with span(tm, "method"):
@@ -325,7 +329,12 @@ class Engine:
         keep = None
         if cfg.sliding_window is not None:
             keep = lc.positions() > (ctx.positions[:, None, None] - cfg.sliding_window)
-        if sel is None:
+        fmt_attend = getattr(lc, "attend", None)  # a storage format with its own attention
+        if sel is None and fmt_attend is not None:
+            with span(tm, "attention"):
+                out, probs = fmt_attend(ctx.q, ctx.scale, keep, need_probs)
+            session.read_sums[layer] += float(lc.lengths.float().mean())
+        elif sel is None:
             with span(tm, "attention"):
                 out, probs = xp.cache_attention(
                     ctx.q, lc.keys(), lc.values(), lc.lengths, ctx.scale, keep, need_probs
@@ -341,7 +350,12 @@ class Engine:
             b = sel.index.shape[0]
             ksel = None if keep is None else torch.gather(keep, 2, sel.index)
             fused = getattr(xp, "sparse_attention", None)
-            if fused is not None and fused_sparse_available(ctx.q):  # index lists read in place (GPU)
+            if fmt_attend is not None:
+                with span(tm, "attention"):
+                    out, p_sel = fmt_attend(
+                        ctx.q, ctx.scale, ksel, need_probs, index=sel.index, counts=sel.counts
+                    )
+            elif fused is not None and fused_sparse_available(ctx.q):  # index lists read in place (GPU)
                 with span(tm, "attention"):
                     out, p_sel = fused(ctx.q, lc.k, lc.v, sel.index, sel.counts, ctx.scale, ksel, need_probs)
             else:

@@ -47,6 +47,22 @@ class Selection:
         return self.valid.sum(-1)
 
 
+def replace_layer_cache(kv: Any, layer: int, new: Any) -> Any:
+    """Install ``new`` as layer ``layer``'s cache in ``kv`` and return it.
+
+    A storage format (a quantized, channel-pruned or ragged cache) is an object with the
+    :class:`~mpckv.plaintext.kv_cache.LayerCache` interface (``lengths``, ``keys()``, ``values()``,
+    ``positions()``, ``append``, ``compact``, ``nbytes``, ``live_bytes``, ``max_length``, ``meta``). When it
+    also has ``attend(q, scale, keep, need_probs, index=None, counts=None) -> (out, probs)``, decode
+    attention calls it instead of reading ``keys()`` / ``values()``, so a fused path never materialises
+    the full-precision cache (``index``/``counts`` are a selection's rows; ``probs`` is then over them).
+    """
+    if kv is None:
+        raise TypeError("this context has no KVCache to replace a layer in (kv=None)")
+    kv.layers[layer] = new
+    return new
+
+
 @dataclass
 class PrefillContext:
     """What ``on_prefill`` sees for one layer."""
@@ -61,10 +77,15 @@ class PrefillContext:
     inv_freq: torch.Tensor
     all_states: list[dict[str, Any]] = field(default_factory=list)  # every layer's state (cross-layer)
     xp: Any = None  # the backend (``TORCH`` or ``CrypTenBackend``); secure methods branch on ``xp.secure``
+    kv: Any = None  # the whole :class:`KVCache` (so that a method can swap this layer's storage format)
 
     @property
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
+
+    def replace_cache(self, new: Any) -> None:
+        """Replace this layer's cache with another storage format (see :func:`replace_layer_cache`)."""
+        self.cache = replace_layer_cache(self.kv, self.layer, new)
 
 
 @dataclass
@@ -81,10 +102,15 @@ class DecodeContext:
     state: dict[str, Any]
     all_states: list[dict[str, Any]] = field(default_factory=list)
     xp: Any = None
+    kv: Any = None  # the whole :class:`KVCache`
 
     @property
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
+
+    def replace_cache(self, new: Any) -> None:
+        """Replace this layer's cache with another storage format (see :func:`replace_layer_cache`)."""
+        self.cache = replace_layer_cache(self.kv, self.layer, new)
 
 
 @dataclass(kw_only=True)
