@@ -244,8 +244,12 @@ class Engine:
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
-    def decode(self, session: Session, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per sequence (``[B]``); return the next-token logits ``[B, V]``."""
+    def decode(self, session: Session, tokens: torch.Tensor, want_logits: bool = True) -> torch.Tensor:
+        """Feed one token per sequence (``[B]``); return the next-token logits ``[B, V]``.
+
+        ``want_logits=False`` skips the final norm and LM head (a teacher-forced token whose prediction
+        nobody reads); ``session.logits`` then keeps the previous step's value and the return is it.
+        """
         model, cfg = self.model, self.model.config
         b = session.positions.shape[0]
         if isinstance(tokens, torch.Tensor | list | int):
@@ -300,14 +304,16 @@ class Engine:
         assert session.dense_lengths is not None
         session.dense_lengths = session.dense_lengths + 1
         session.peak_cache_bytes = max(session.peak_cache_bytes, session.cache.nbytes())
-        with xp.scope(phase="decode"), span(tm, "head"):
-            session.logits = model.logits(hidden)[:, 0]
+        if want_logits:
+            with xp.scope(phase="decode"), span(tm, "head"):
+                session.logits = model.logits(hidden)[:, 0]
         return session.logits
 
     @torch.no_grad()
-    def extend(self, session: Session, tokens: Any) -> torch.Tensor:
+    def extend(self, session: Session, tokens: Any, logits: str = "all") -> torch.Tensor:
         """Teacher-force ``tokens [B, T]`` through decode steps (one per column) and return the logits
-        after each of them, ``[B, T, V]``.
+        after each of them, ``[B, T, V]`` (``logits="last"``: only after the last one, ``[B, 1, V]``, and
+        the LM head is skipped for the others — the same cache and the same final logits, cheaper).
 
         This is how a question is fed *after* the context was compressed (query-agnostic evaluation) and
         how fidelity against dense is measured on a fixed continuation. Methods see every fed token as a
@@ -319,7 +325,16 @@ class Engine:
         b = session.positions.shape[0]
         if toks.dim() != 2 or toks.shape[0] != b:
             raise ShapeError(f"extend expects tokens [{b}, T], got {tuple(toks.shape)}")
-        return torch.stack([self.decode(session, toks[:, i]) for i in range(toks.shape[1])], dim=1)
+        if logits not in ("all", "last"):
+            raise ConfigError(f"extend: logits must be 'all' or 'last', got {logits!r}")
+        n = toks.shape[1]
+        if n == 0:
+            raise ShapeError("extend needs at least one token per sequence, got tokens [B, 0]")
+        if logits == "last":
+            for i in range(n):
+                out = self.decode(session, toks[:, i], want_logits=i == n - 1)
+            return out[:, None]
+        return torch.stack([self.decode(session, toks[:, i]) for i in range(n)], dim=1)
 
     def _attend(
         self, ctx: DecodeContext, sel: Selection | None, session: Session, layer: int

@@ -97,3 +97,26 @@ def test_extend_then_continue_equals_full_prompt(tiny_random_model):
     assert cont.tokens == full.tokens
     with pytest.raises(ShapeError):
         eng.extend(s, torch.tensor([[1, 2], [3, 4]]))
+
+
+@pytest.mark.parametrize("method", ["dense", "h2o", "quest"])
+def test_extend_last_logits_equals_all(tiny_random_model, method):
+    """``extend(..., logits="last")`` skips the LM head of the teacher-forced tokens but leaves the same
+    cache, the same final logits and the same continuation as ``logits="all"``."""
+    params = {} if method == "dense" else {"budget": 0.5}
+    eng = mpckv.Engine(tiny_random_model, method, **params)
+    ctx_ids, question = list(range(10, 50)), [5, 6, 7, 8, 9]
+    a, b = eng.prefill([ctx_ids]), eng.prefill([ctx_ids])
+    la = eng.extend(a, torch.tensor([question]))
+    lb = eng.extend(b, torch.tensor([question]), logits="last")
+    assert lb.shape == (1, 1, tiny_random_model.config.vocab_size)
+    torch.testing.assert_close(lb[:, 0], la[:, -1])
+    for x, y in zip(a.cache.layers, b.cache.layers, strict=True):
+        torch.testing.assert_close(x.keys(), y.keys())
+    ca = eng.continue_generation(a, 5, stop_tokens=[])
+    cb = eng.continue_generation(b, 5, stop_tokens=[])
+    assert ca.tokens == cb.tokens
+    with pytest.raises(mpckv.errors.ConfigError):
+        eng.extend(b, torch.tensor([question]), logits="some")
+    with pytest.raises(ShapeError):
+        eng.extend(b, torch.zeros(1, 0, dtype=torch.long))

@@ -107,7 +107,7 @@ def _plan(model: Any, tok: Any, cfg: EvalConfig, suite: str, length: int) -> _Pl
 def _qa_part(job: Job, session: Any, plan: _Plan, idx: list[int], tok: Any) -> Part:
     eng = job.engine
     if plan.feed is not None:
-        eng.extend(session, torch.tensor([plan.feed[i] for i in idx], dtype=torch.long))
+        eng.extend(session, torch.tensor([plan.feed[i] for i in idx], dtype=torch.long), logits="last")
     res = eng.continue_generation(session, plan.max_new, stop_tokens=plan.stops)
     return {
         "generated": [tok.decode(t) for t in res.tokens],
