@@ -22,6 +22,12 @@ def _visible(lengths: torch.Tensor, keep: torch.Tensor | None, L: int, device: t
     return mask if keep is None else mask & keep.to(device=device, dtype=torch.bool)
 
 
+def _scores(qg: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``qg [B, Hk, G, D] · k [B, Hk, L, D]ᵀ`` in fp32 as ``[B, Hk, G, L]``, computed as ``k @ qgᵀ`` (a
+    tall-skinny product over the cache, about 2× faster than ``qg @ kᵀ`` with CPU BLAS at long L)."""
+    return (k.float() @ qg.float().transpose(-1, -2)).transpose(-1, -2)
+
+
 def _decode_attention_torch(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, scale: float,
     return_probs: bool, keep: torch.Tensor | None,
@@ -36,12 +42,12 @@ def _decode_attention_torch(
         if not return_probs and q.dtype == torch.float32:  # fused (flash) kernel, reads K and V once
             out = F.scaled_dot_product_attention(qg, k, v, scale=scale)
             return out.reshape(B, H, DV), None
-        s = (qg.float() @ k.float().transpose(-1, -2)) * scale
+        s = _scores(qg, k) * scale
         p = torch.softmax(s, dim=-1)
         out = (p @ v.float()).reshape(B, H, DV).to(q.dtype)
         return out, (p.reshape(B, H, L) if return_probs else None)
     mask = _visible(lengths, keep, L, k.device)[:, :, None, :]  # [B, Hk, 1, L]
-    s = (q.float().view(B, Hk, H // Hk, D) @ k.float().transpose(-1, -2)) * scale  # [B, Hk, G, L]
+    s = _scores(q.view(B, Hk, H // Hk, D), k) * scale  # [B, Hk, G, L]
     s = s.masked_fill(~mask, float("-inf"))
     m = s.amax(dim=-1, keepdim=True)
     p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))

@@ -1,4 +1,4 @@
-"""Calibration subcommands: ``calibrate razorattention`` and ``train-gates trimkv`` (see :mod:`mpckv.cli`).
+"""Calibration subcommands: ``calibrate razorattention``, ``train-gates trimkv``, ``train-bias nosa``.
 
 Examples
 --------
@@ -7,6 +7,8 @@ Examples
     mpckv calibrate razorattention --model tiny --out heads.json
     mpckv generate --model tiny --method razorattention --param heads=heads.json --budget 0.2 --prompt "…"
     mpckv train-gates trimkv --model tiny --out gates.safetensors --minutes 5
+    mpckv train-bias nosa --model tiny --out nosa_bias.safetensors
+    mpckv calibrate a2ats --model tiny --out a2ats.safetensors   # A²ATS key codebooks (shipped for tiny)
 """
 
 from __future__ import annotations
@@ -24,8 +26,27 @@ def _threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+def cmd_calibrate_a2ats(args: argparse.Namespace) -> int:
+    """Fit A²ATS query-weighted key codebooks and write them as safetensors."""
+    from mpckv.calibrate.a2ats import A2atsCalibration, run
+
+    _threads(args.threads)
+    cal = A2atsCalibration(
+        codewords=args.codewords,
+        seq_len=args.calib_seq_len,
+        sequences=max(1, args.calib_tokens // args.calib_seq_len),
+        offset=args.offset or None,
+        iters=args.iters,
+        seed=args.seed,
+    )
+    print(json.dumps(run(args.model, cal, args.out)))
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Identify retrieval heads (RazorAttention) and write them as JSON."""
+    if args.method == "a2ats":
+        return cmd_calibrate_a2ats(args)
     from mpckv.calibrate import model_label
     from mpckv.calibrate.razor import RazorCalibration, calibrate, save
     from mpckv.checkpoint import load_model
@@ -78,16 +99,36 @@ def cmd_train_gates(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_bias(args: argparse.Namespace) -> int:
+    """Fit NOSA's query-agnostic bias head on a frozen model and write it as safetensors."""
+    from mpckv.calibrate import model_label
+    from mpckv.calibrate.nosa_bias import BiasTraining, train_bias
+    from mpckv.checkpoint import load_model
+
+    _threads(args.threads)
+    cfg = BiasTraining(
+        seq_len=args.seq_len, sequences=args.sequences, steps=args.steps, lr=args.lr, seed=args.seed
+    )
+    model = load_model(args.model)
+    encode = None
+    if model.config.vocab_size != 256:
+        from mpckv.tokenizer import load_tokenizer
+
+        encode = load_tokenizer(model.source or args.model, model.config.vocab_size).encode
+    print(json.dumps(train_bias(model, cfg, args.out, model_label(args.model), encode)))
+    return 0
+
+
 def add_calibrate_commands(sub: Any) -> None:
     """Register ``calibrate`` and ``train-gates`` on the top-level subparsers."""
     p = sub.add_parser(
         "calibrate", help="offline calibration of a KV method", description=cmd_calibrate.__doc__
     )
-    p.add_argument("method", choices=["razorattention"])
+    p.add_argument("method", choices=["razorattention", "a2ats"])
     p.add_argument(
         "--model", default="tiny", metavar="PATH", help="checkpoint, 'tiny' or an installable name"
     )
-    p.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write (JSON; a2ats: safetensors)")
     p.add_argument("--seg-len", type=int, default=256, help="random segment length (paper: 2500)")
     p.add_argument("--repeats", type=int, default=4, help="segment repetitions (paper: 4)")
     p.add_argument("--sequences", type=int, default=2, help="calibration sequences averaged")
@@ -95,6 +136,12 @@ def add_calibrate_commands(sub: Any) -> None:
     p.add_argument("--echo-ratio", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    g = p.add_argument_group("a2ats")
+    g.add_argument("--codewords", type=int, default=256, help="a2ats: codewords per KV head (paper: 4096)")
+    g.add_argument("--calib-tokens", type=int, default=8192, help="a2ats: calibration tokens in all")
+    g.add_argument("--calib-seq-len", type=int, default=1024, help="a2ats: tokens per calibration sequence")
+    g.add_argument("--iters", type=int, default=20, help="a2ats: Lloyd iterations after k-means++")
+    g.add_argument("--offset", type=int, default=0, help="a2ats: WRoPE offset w (0 = min(2048, max_pos/4))")
     p.set_defaults(handler=cmd_calibrate)
 
     p = sub.add_parser(
@@ -116,3 +163,19 @@ def add_calibrate_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     p.set_defaults(handler=cmd_train_gates)
+
+    p = sub.add_parser(
+        "train-bias", help="fit the learned token bias of a KV method", description=cmd_train_bias.__doc__
+    )
+    p.add_argument("method", choices=["nosa"])
+    p.add_argument(
+        "--model", default="tiny", metavar="PATH", help="checkpoint, 'tiny' or an installable name"
+    )
+    p.add_argument("--out", required=True, metavar="FILE", help="safetensors file to write")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence")
+    p.add_argument("--sequences", type=int, default=16)
+    p.add_argument("--steps", type=int, default=300, help="Adam steps per layer")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    p.set_defaults(handler=cmd_train_bias)

@@ -7,6 +7,8 @@ Examples
     mpckv launch --parties 2 -- generate --secure --model tiny --prompt "Hi" --max-new-tokens 8 --out r.json
     mpckv launch --parties 3 --protocol replicated -- generate --secure --model tiny --prompt "Hi"
     mpckv bench secure --methods dense,streamingllm --lengths 256,512,1024,2048 --parties 2 --json b.json
+    mpckv bench secure --model smollm2 --methods dense,mpcache,mpcache@all \
+        --param 'mpcache@all.dense_layers=[]' --lengths 1024,4096 --steps 1 --json b.json
 """
 
 from __future__ import annotations
@@ -76,9 +78,28 @@ def precheck_argv(argv: list[str]) -> None:
     check_secure_generate(args)
 
 
+def public_tokenizer(model: str) -> Any:
+    """The tokenizer of ``model`` without reading its weights (what the prompt owner, party 1, needs).
+
+    Named models (``smollm2``, …) and ``.gguf`` files carry the tokenizer in the GGUF metadata (read
+    memory-mapped; no tensor is dequantised); an HF directory has ``tokenizer.json`` or gets the byte
+    tokenizer sized by its ``config.json``. The same tokenizer as plaintext ``generate``: the prompt is
+    encoded as given (no chat template), so secure and plaintext runs see the same ids.
+    """
+    from mpckv.checkpoint import _resolve_dir
+    from mpckv.config import ModelConfig
+    from mpckv.gguf_loader import find_gguf
+    from mpckv.models import is_model_name
+    from mpckv.tokenizer import load_tokenizer
+
+    if is_model_name(model) or find_gguf(model) is not None:
+        return load_tokenizer(model, 0)  # the GGUF tokenizer; the vocabulary size is unused there
+    root = _resolve_dir(model)
+    return load_tokenizer(root, ModelConfig.from_file(root / "config.json").vocab_size)
+
+
 def generate_secure(args: argparse.Namespace, prompt: str, budget: Any, params: dict[str, Any]) -> int:
     """The body of ``generate --secure`` inside one launched party."""
-    from mpckv.config import ModelConfig
     from mpckv.errors import ConfigError
     from mpckv.protocols.secure_generate import (
         OUTPUT_PARTY,
@@ -87,7 +108,6 @@ def generate_secure(args: argparse.Namespace, prompt: str, budget: Any, params: 
         run_to_json,
         secure_generate,
     )
-    from mpckv.tokenizer import load_tokenizer
 
     if args.temperature != 0.0 or args.top_k or args.top_p != 1.0:
         raise ConfigError("secure generation is greedy only (no --temperature/--top-k/--top-p)")
@@ -96,11 +116,7 @@ def generate_secure(args: argparse.Namespace, prompt: str, budget: Any, params: 
     rank = require_parties()
     tokenizer = ids = None
     if rank == OUTPUT_PARTY:  # the prompt owner needs the tokenizer (public), not the weights
-        from mpckv.checkpoint import _resolve_dir
-
-        root = _resolve_dir(args.model)
-        config = ModelConfig.from_file(root / "config.json")
-        tokenizer = load_tokenizer(root, config.vocab_size)
+        tokenizer = public_tokenizer(args.model)
         ids = tokenizer.encode(prompt)
     if budget is not None:
         params = {**params, "budget": budget}
@@ -147,11 +163,13 @@ def cmd_bench_secure(args: argparse.Namespace) -> int:
     """Per-token secure decode cost (bytes, rounds, modelled LAN/WAN and wall time) across local parties."""
     from mpckv.budget import Budget
     from mpckv.io import check_writable
-    from mpckv.protocols.bench_secure import format_table, run_bench
+    from mpckv.protocols.bench_secure import base_method, format_table, run_bench
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if len(set(methods)) != len(methods):
+        raise UsageError(f"--methods lists a method twice (label one: NAME@LABEL), got {args.methods!r}")
     for m in methods:
-        check_secure_support(m)
+        check_secure_support(base_method(m))
     budget = Budget.parse(args.budget)
     if budget.kind not in ("ratio", "tokens"):
         raise UsageError(f"bench secure --budget takes one ratio or token count, got {args.budget!r}")
@@ -207,7 +225,12 @@ def add_mpc_commands(sub: Any) -> None:
         "secure", help="per-token cost of private decoding", description=cmd_bench_secure.__doc__
     )
     p.add_argument("--model", default="tiny", metavar="PATH", help="checkpoint directory or 'tiny'")
-    p.add_argument("--methods", default="dense", help="comma-separated methods that run under MPC")
+    p.add_argument(
+        "--methods",
+        default="dense",
+        help="comma-separated methods that run under MPC; NAME@LABEL measures a second setting of one "
+        "method (e.g. mpcache@all with --param mpcache@all.dense_layers=[])",
+    )
     p.add_argument("--lengths", default="256,512,1024,2048", help="cache lengths n (comma-separated)")
     p.add_argument("--prefill-lengths", default="", help="also measure a secure prefill at these lengths")
     p.add_argument("--parties", type=int, default=2, choices=[2, 3])

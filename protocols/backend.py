@@ -46,6 +46,26 @@ class CrypTenBackend:
         self.crypten = import_crypten()
         self.output_party = output_party
         self.kv_cache = kv_cache
+        # public per-norm scale hints (id of the norm's weight -> typical mean square), see set_norm_scale
+        self._norm_scales: dict[int, tuple[Any, float]] = {}
+
+    def set_norm_scale(self, weight: Any, scale: float) -> None:
+        """Give the RMSNorm with this ``weight`` a public hint of its input's typical mean square.
+
+        Real models have activations that span many orders of magnitude (SmolLM2's attention-sink token
+        reaches a mean square of 10**6 while other rows sit near 10): :func:`~mpckv.protocols.numerics
+        .rms_norm` divides its input by ``sqrt(scale)`` first, so the sum of squares stays inside the
+        fixed-point range and its 2-party truncation rarely wraps. See
+        :func:`mpckv.protocols.secure_model.norm_scales`.
+        """
+        if not scale > 0:
+            raise ConfigError(f"a norm scale hint must be positive, got {scale}")
+        self._norm_scales[id(weight)] = (weight, float(scale))
+
+    def norm_scale(self, weight: Any) -> float:
+        """The hint set for ``weight`` (1.0 when none)."""
+        hit = self._norm_scales.get(id(weight))
+        return hit[1] if hit is not None and hit[0] is weight else 1.0
 
     # ------------------------------------------------------------------ accounting scopes
     @contextlib.contextmanager
@@ -65,7 +85,7 @@ class CrypTenBackend:
         from mpckv.protocols.numerics import rms_norm
 
         with comm.op("rmsnorm"):
-            return rms_norm(x, weight, eps)
+            return rms_norm(x, weight, eps, scale=self.norm_scale(weight))
 
     def silu(self, x: Any) -> Any:
         from mpckv.protocols.numerics import silu

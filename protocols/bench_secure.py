@@ -8,12 +8,20 @@ So that long ``n`` stays feasible, the cache is *not* produced by a secure prefi
 plaintext prefill of a public random benchmark prompt and secret-shares the resulting K/V (the cost of a
 decode step does not depend on the cache's values). The one-time cost of a real secure prefill is measured
 separately (``--prefill-lengths``) at the lengths where it is feasible. This is a benchmark mode only;
-``generate --secure`` always prefills securely.
+``generate --secure`` always prefills securely. On SmolLM2-135M a real secure prefill of 4096 tokens
+through 30 layers would take hours on two cores; the decode rows need none (every record says so in
+``cache_source``).
+
+A method may carry a label, ``NAME@LABEL`` (e.g. ``mpcache@all`` with ``--param
+mpcache@all.dense_layers=[]``), to measure two settings of one method in the same run. Dense decode
+steps are measured without a warm-up step (it has nothing to build); every other method gets one
+unmeasured warm-up step. Each record also carries every party's peak resident memory (``rss_mib``).
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import time
 from typing import Any
 
@@ -23,6 +31,10 @@ from mpckv.errors import ConfigError
 from mpckv.protocols import comm
 from mpckv.protocols.compat import import_crypten
 from mpckv.protocols.netmodel import modelled_seconds
+
+CACHE_SOURCE = "plaintext-prefill"
+"""How decode rows get their cache: party 0's plaintext prefill of a public prompt, secret-shared (the
+per-token decode traffic depends only on the cache's public sizes, not on how it was made)."""
 
 RECORD_FIELDS = (
     "method",
@@ -37,11 +49,29 @@ RECORD_FIELDS = (
     "lan_s_per_token",
     "wan_s_per_token",
     "wall_s_per_token",
+    "lan_net_s_per_token",
+    "wan_net_s_per_token",
 )
 
 
 def _rank() -> int:
     return int(import_crypten().communicator.get().get_rank())
+
+
+def base_method(label: str) -> str:
+    """``"mpcache@all"`` → ``"mpcache"`` (the registered method behind a labelled bench entry)."""
+    return label.partition("@")[0]
+
+
+def _peak_rss_mib() -> list[float]:
+    """Every party's peak resident memory so far, in MiB (a collective; public bookkeeping)."""
+    comm_ = import_crypten().communicator.get()
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    with comm.paused():
+        return [
+            round(float(comm_.broadcast_obj(mine if _rank() == r else None, r)), 1)
+            for r in range(int(comm_.get_world_size()))
+        ]
 
 
 def _shared_session(
@@ -131,6 +161,9 @@ def _record(
         "lan_s_per_token": modelled_seconds(stats, "lan", wall) / steps,
         "wan_s_per_token": modelled_seconds(stats, "wan", wall) / steps,
         "wall_s_per_token": wall / steps,
+        # the network part alone (rounds·RTT + bytes/bandwidth): wall time on a shared CPU is noise
+        "lan_net_s_per_token": modelled_seconds(stats, "lan", 0.0) / steps,
+        "wan_net_s_per_token": modelled_seconds(stats, "wan", 0.0) / steps,
         "by_op": {
             op: {"bytes": v.get("bytes", 0) / steps, "rounds": v.get("rounds", 0) / steps}
             for op, v in sorted(stats.by_op.items())
@@ -155,11 +188,14 @@ def party_main(argv: list[str]) -> int:
     config = broadcast_config(plain.config if plain is not None else None)
     records: list[dict[str, Any]] = []
     steps = int(spec["steps"])
+    shared = engine = None
     for kv_cache in spec.get("kv_caches", ["stock"]):
+        shared = engine = None  # free the previous cache kind's shared weights before sharing again
         with comm.paused():  # weights (and, when persistent, their masks) are set-up, not per token
             shared = share_model(plain, config, kv_cache=kv_cache)
-        for method in spec["methods"]:
-            params = dict(spec["params"].get(method, {}))
+        for label in spec["methods"]:
+            method = base_method(label)
+            params = dict(spec["params"].get(label, {}))
             if method != "dense" and "budget" not in params:
                 params["budget"] = spec["budget"]
             plain_method: Any = "dense"
@@ -174,8 +210,9 @@ def party_main(argv: list[str]) -> int:
                 session = _shared_session(engine, plain, config, n, seed=n, plain_method=plain_method)
                 onehot = torch.nn.functional.one_hot(torch.tensor([1]), config.vocab_size).float()
                 feed = crypten.cryptensor(onehot)
-                with comm.paused():  # warm-up step: builds per-run structures (e.g. cluster boxes) once
-                    engine.decode(session, feed)
+                if method != "dense":
+                    with comm.paused():  # warm-up: builds per-run structures (e.g. cluster boxes) once
+                        engine.decode(session, feed)
                 comm.reset()
                 t0 = time.perf_counter()
                 for _ in range(steps):
@@ -183,10 +220,14 @@ def party_main(argv: list[str]) -> int:
                 wall = time.perf_counter() - t0
                 with comm.paused():
                     totals = comm.system_totals()
-                records.append(_record(method, kv_cache, "decode", n, steps, totals, wall, world, protocol))
-                records[-1]["params"] = params
+                records.append(_record(label, kv_cache, "decode", n, steps, totals, wall, world, protocol))
+                records[-1].update(
+                    params=params, model=spec["model"], cache_source=CACHE_SOURCE, rss_mib=_peak_rss_mib()
+                )
+                del session
                 if rank == 0:
-                    print(json.dumps(records[-1]), flush=True)
+                    print(json.dumps({k: v for k, v in records[-1].items() if k != "by_op"}), flush=True)
+                    _write(records, spec.get("out"))
             for n in spec.get("prefill_lengths", []):
                 gen = torch.Generator().manual_seed(n)
                 ids = torch.randint(0, config.vocab_size, (n,), generator=gen).tolist()
@@ -197,12 +238,21 @@ def party_main(argv: list[str]) -> int:
                 wall = time.perf_counter() - t0
                 with comm.paused():
                     totals = comm.system_totals()
-                records.append(_record(method, kv_cache, "prefill", n, 1, totals, wall, world, protocol))
-                records[-1]["params"] = params
-    if rank == 0 and spec.get("out"):
-        with open(spec["out"], "w") as fh:
-            json.dump(records, fh, indent=2)
+                records.append(_record(label, kv_cache, "prefill", n, 1, totals, wall, world, protocol))
+                records[-1].update(
+                    params=params, model=spec["model"], cache_source="secure-prefill", rss_mib=_peak_rss_mib()
+                )
+    if rank == 0:
+        _write(records, spec.get("out"))
     return 0
+
+
+def _write(records: list[dict[str, Any]], out: str | None) -> None:
+    """Write the records so far (after every cell, so that a long run that is stopped keeps its rows)."""
+    if out:
+        from mpckv.io import write_json_atomic
+
+        write_json_atomic(out, records, "--json")
 
 
 def run_bench(
@@ -253,24 +303,48 @@ def run_bench(
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    """A markdown table of the records, with ratios against dense over the stock cache in the same run."""
-    ref = {
-        (r["phase"], r["length"], r["parties"]): r
-        for r in records
-        if r["method"] == "dense" and r["kv_cache"] == "stock"
-    }
+    """A markdown table of the records, with ratios against dense (stock and persistent) in the same run."""
+
+    def refs(kv_cache: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+        return {
+            (r["phase"], r["length"], r["parties"]): r
+            for r in records
+            if r["method"] == "dense" and r["kv_cache"] == kv_cache
+        }
+
+    stock, persistent = refs("stock"), refs("persistent")
+
+    def net(r: dict[str, Any]) -> float:  # older records: the network part is LAN minus wall
+        return float(r.get("lan_net_s_per_token", r["lan_s_per_token"] - r["wall_s_per_token"]))
+
+    for r in records:
+        r.setdefault("lan_net_s_per_token", net(r))
+
+    def ratio(ref: dict[str, Any] | None, r: dict[str, Any], key: str) -> str:
+        return f"{ref[key] / r[key]:.2f}×" if ref and r[key] > 0 else "—"
+
     head = (
         "| method | kv_cache | phase | n | parties | KB/token | rounds/token | LAN s/token | WAN s/token "
-        "| wall s/token | bytes ÷ stock dense | LAN ÷ stock dense |"
+        "| wall s/token | LAN net s/token | bytes ÷ stock dense | bytes ÷ persistent dense "
+        "| LAN ÷ stock dense | LAN net ÷ stock dense |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 15]
+    sources = sorted({str(r.get("cache_source", CACHE_SOURCE)) for r in records if r["phase"] == "decode"})
     for r in records:
-        d = ref.get((r["phase"], r["length"], r["parties"]))
-        bytes_ratio = f"{d['bytes_per_token'] / r['bytes_per_token']:.2f}×" if d else "—"
-        lan_ratio = f"{d['lan_s_per_token'] / r['lan_s_per_token']:.2f}×" if d else "—"
+        key = (r["phase"], r["length"], r["parties"])
+        d, p = stock.get(key), persistent.get(key)
         lines.append(
             f"| {r['method']} | {r['kv_cache']} | {r['phase']} | {r['length']} | {r['parties']} "
             f"| {r['bytes_per_token'] / 1024:.1f} | {r['rounds_per_token']:.0f} | {r['lan_s_per_token']:.3f} "
-            f"| {r['wan_s_per_token']:.2f} | {r['wall_s_per_token']:.3f} | {bytes_ratio} | {lan_ratio} |"
+            f"| {r['wan_s_per_token']:.2f} | {r['wall_s_per_token']:.3f} | {r['lan_net_s_per_token']:.3f} "
+            f"| {ratio(d, r, 'bytes_per_token')} | {ratio(p, r, 'bytes_per_token')} "
+            f"| {ratio(d, r, 'lan_s_per_token')} | {ratio(d, r, 'lan_net_s_per_token')} |"
+        )
+    if sources:
+        lines.append(
+            f"\ndecode rows: the secret cache of n entries comes from {', '.join(sources)} (party 0's "
+            "plaintext prefill of a public random prompt, secret-shared); per-token decode traffic depends "
+            "only on the cache's public sizes, not on how it was made. LAN/WAN = measured wall + "
+            "rounds·RTT + bytes/bandwidth; LAN net = the network part alone."
         )
     return "\n".join(lines)

@@ -82,6 +82,7 @@ from mpckv.protocols.primitives import (
     _add_public,
     _from_share,
     is_secret,
+    ltz,
     secure_topk,
     tree_max,
 )
@@ -165,7 +166,7 @@ def tracked_boxes(
             hi = crypten.stack([boxes[lvl][1][:, :, -1:] for lvl in grow])
             kk = k_new.unsqueeze(0).expand(*lo.size())
             bounds = crypten.stack([lo, hi])
-            out = crypten.stack([kk - lo, hi - kk]).lt(0)  # k < min, max < k
+            out = ltz(crypten.stack([kk - lo, hi - kk]))  # k < min, max < k
             new = bounds + out * (kk.unsqueeze(0).expand(*bounds.size()) - bounds)
             for j, lvl in enumerate(grow):
                 mn, mx, r = boxes[lvl]

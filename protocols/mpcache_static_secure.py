@@ -53,6 +53,7 @@ __all__ = [
     "static_choice",
     "static_evict",
     "static_window_scores",
+    "window_mass",
 ]
 
 SECRET_POSITION = -1
@@ -98,14 +99,10 @@ class StaticChoice:
         return self.lo + self.k_mid + (self.n0 - self.hi)
 
 
-def static_window_scores(method: MPCache, q: Any, cache: Any, n0: int, w: int, scale: float) -> Any:
-    """Secret window attention mass per prompt key: ``[1, 1, n0]`` (``"layer"`` mode) or ``[1, Hk, n0]``.
-
-    ``Σ_w softmax(q_w·Kᵀ·scale)`` over the last ``w`` prompt queries (causal), summed over the query
-    heads (``"layer"``: all heads; ``"head"``: the GQA group with ``group_reduce`` — ``"mean"`` as a
-    sum, the same ranking). The plaintext twin is :func:`mpckv.plaintext.methods.clusters.static_scores`
-    (which averages: it equals this divided by the number of heads summed).
-    """
+def window_mass(q: Any, cache: Any, n0: int, w: int, scale: float) -> Any:
+    """Secret ``Σ_w softmax(q_w·Kᵀ·scale)`` per query head: ``[1, Hk, G, n0]`` over the last ``w`` prompt
+    queries (causal) and the ``n0`` prompt keys of ``cache`` (the observation-window votes of SnapKV,
+    PyramidKV and MPCache's static eviction). ``q [1, H, T, d]`` secret."""
     from mpckv.protocols.numerics import softmax
 
     _, h, _, d = q.shape
@@ -120,7 +117,19 @@ def static_window_scores(method: MPCache, q: Any, cache: Any, n0: int, w: int, s
     col = torch.arange(n0)
     keep = col[None, :] <= (n0 - w + torch.arange(w))[:, None]  # [w, n0] causal
     probs = softmax(scores * scale, dim=-1, keep=keep[None, None, None])
-    mass = probs.sum(-2)  # [1, Hk, G, n0]
+    return probs.sum(-2)  # [1, Hk, G, n0]
+
+
+def static_window_scores(method: MPCache, q: Any, cache: Any, n0: int, w: int, scale: float) -> Any:
+    """Secret window attention mass per prompt key: ``[1, 1, n0]`` (``"layer"`` mode) or ``[1, Hk, n0]``.
+
+    ``Σ_w softmax(q_w·Kᵀ·scale)`` over the last ``w`` prompt queries (causal), summed over the query
+    heads (``"layer"``: all heads; ``"head"``: the GQA group with ``group_reduce`` — ``"mean"`` as a
+    sum, the same ranking). The plaintext twin is :func:`mpckv.plaintext.methods.clusters.static_scores`
+    (which averages: it equals this divided by the number of heads summed).
+    """
+    mass = window_mass(q, cache, n0, w, scale)  # [1, Hk, G, n0]
+    g = mass.size(2)
     if method.static_mode == "layer":
         return mass.sum(2).sum(1, keepdim=True)
     if method.group_reduce == "max" and g > 1:

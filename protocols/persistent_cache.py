@@ -92,7 +92,7 @@ class PersistentLayerCache(SecureLayerCache):
     # ------------------------------------------------------------------ sizes (public)
     def live_bytes(self) -> int:
         """This party's storage: public ``E_k, E_v`` plus its shares of ``B_k, B_v`` (int64)."""
-        return 0 if self.ek is None else 4 * self.ek.numel() * 8
+        return sum(8 * t.numel() for t in (self.ek, self.ev, self.bk, self.bv) if t is not None)
 
     def nbytes(self) -> int:
         return self.live_bytes() + self.pos.numel() * 8
@@ -121,6 +121,38 @@ class PersistentLayerCache(SecureLayerCache):
         self.ev = ev if self.ev is None else torch.cat([self.ev, ev], dim=2)
         self.bk = bk if self.bk is None else torch.cat([self.bk, bk], dim=2)
         self.bv = bv if self.bv is None else torch.cat([self.bv, bv], dim=2)
+        self.pos = torch.cat([self.pos, pos_new.long()[:, None, :].expand(b, hk, t)], dim=2)
+        self.lengths = self.lengths + t
+        self._stamp += 1
+
+    def append_keys(self, k_new: Any, pos_new: torch.Tensor) -> None:
+        """Append ``T`` secret rows ``[1, Hk, T, d]`` to the *key* side only (one opening of
+        ``K_new − B_k``); the value side stays empty, so only :meth:`qk` works afterwards.
+
+        For static matrices that are only ever multiplied from one side (a weight ``W`` in ``x·Wᵀ``,
+        :mod:`mpckv.protocols.persistent_weights`): half the set-up traffic and storage of
+        :meth:`append`. The mask source still draws (and, under TFP, at once drops) a value-side mask, so
+        the dealer's generators stay in step with every party's.
+        """
+        b, hk, t, d = k_new.shape
+        if (b, hk, d) != (self.batch, self.kv_heads, self.head_dim):
+            raise ShapeError(
+                f"append_keys expects [1, {self.kv_heads}, T, {self.head_dim}], got {tuple(k_new.shape)}"
+            )
+        if self.ev is not None:
+            raise ConfigError("append_keys on a cache whose value side is in use")
+        scale = int(k_new.encoder.scale)
+        if self.scale is not None and scale != self.scale:
+            raise ConfigError("all rows must share one fixed-point scale")
+        self.scale = scale
+        with comm.op("kv_append"):
+            bk, _ = self.masks.rows((b, hk, t, d))
+            store = getattr(self.masks, "store", None)
+            if store is not None:
+                store.bv = None  # TFP dealer (party 0): the value-side mask is never used
+            (ek,) = open_masked([k_new.share - bk], ["k_rows"])
+        self.ek = ek if self.ek is None else torch.cat([self.ek, ek], dim=2)
+        self.bk = bk if self.bk is None else torch.cat([self.bk, bk], dim=2)
         self.pos = torch.cat([self.pos, pos_new.long()[:, None, :].expand(b, hk, t)], dim=2)
         self.lengths = self.lengths + t
         self._stamp += 1

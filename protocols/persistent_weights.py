@@ -10,9 +10,10 @@ table serves both. What is opened (``W − B`` once at set-up, ``x − a_t`` per
 nothing is in ``docs/SECURITY.md``; the weights' owner (party 0) secret-shares ``W`` first, so the opening
 is of a secret-shared value like any other.
 
-Set-up cost: one opening of every weight (twice its size in bytes per party in 2PC: the cache opens a
-"values" side too; the lm-head/embedding table uses both sides). It is a one-time cost, reported under the
-``setup`` phase.
+Set-up cost: one opening of every weight, reported under the ``setup`` phase. A projection matrix is only
+multiplied from one side (``x·Wᵀ``), so it keeps the key side alone (:meth:`PersistentLayerCache
+.append_keys`: one ``[out, in]`` opening, and ``E`` plus this party's share of ``B`` stored, 16 bytes per
+weight); an embedding table (``two_sided=True``; a tied one also serves as the lm head) keeps both sides.
 """
 
 from __future__ import annotations
@@ -29,14 +30,19 @@ from mpckv.protocols.persistent_cache import PersistentLayerCache
 class PersistentWeight:
     """A secret matrix ``W [out, in]`` (or an embedding table ``[V, D]``) with a persistent mask."""
 
-    def __init__(self, weight: Any):
+    def __init__(self, weight: Any, two_sided: bool = True):
         if weight.dim() != 2:
             raise ShapeError(f"a persistent weight must be 2-D, got {tuple(weight.shape)}")
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self.two_sided = two_sided
         self.cache = PersistentLayerCache(1, 1, self.in_features)
         with comm.labels(phase="setup", op="weight_masks"):
             w = weight.reshape(1, 1, self.out_features, self.in_features)
-            self.cache.append(w, w, torch.arange(self.out_features)[None])
+            rows = torch.arange(self.out_features)[None]
+            if two_sided:
+                self.cache.append(w, w, rows)
+            else:
+                self.cache.append_keys(w, rows)
 
     @property
     def shape(self) -> torch.Size:
@@ -52,6 +58,8 @@ class PersistentWeight:
 
     def lookup(self, onehot: Any) -> Any:
         """``onehot [..., out] · W → [..., in]`` (an embedding lookup; one opening of the one-hot)."""
+        if not self.two_sided:
+            raise ShapeError("lookup needs a two-sided persistent weight (an embedding table)")
         if onehot.shape[-1] != self.out_features:
             raise ShapeError(f"lookup expects [..., {self.out_features}], got {tuple(onehot.shape)}")
         lead = tuple(onehot.shape[:-1])

@@ -161,9 +161,9 @@ def test_query_agnostic_prefills_context_only(ckpt, model, tmp_path, monkeypatch
         seen["prefill"].append([bytes(x).decode() for x in ids])
         return real_prefill(self, ids)
 
-    def extend(self, session, toks):
+    def extend(self, session, toks, logits="all"):
         seen["extend"].append(tuple(toks.shape))
-        return real_extend(self, session, toks)
+        return real_extend(self, session, toks, logits=logits)
 
     monkeypatch.setattr(mpckv.Engine, "record_prefill", prefill)  # the shared dense prefill
     monkeypatch.setattr(mpckv.Engine, "extend", extend)

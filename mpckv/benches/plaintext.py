@@ -33,6 +33,7 @@ import torch
 from mpckv.benches.models import BenchModel, load_bench_model
 from mpckv.errors import ConfigError
 from mpckv.plaintext.engine import Engine, PrefillRecord, Session
+from mpckv.plaintext.tiered_store import cold_bytes_per_step
 from mpckv.plaintext.timing import ATTENTION_PARTS, PARTS, PhaseTimer
 
 __all__ = ["BenchConfig", "format_table", "run_bench"]
@@ -143,6 +144,7 @@ def _decode_row(engine: Engine, session: Session, cfg: BenchConfig) -> dict[str,
         "live_cache_bytes": cache.live_bytes(),
         "rss_peak_mb": max(samples),
         "read_per_step": read,
+        "cold_bytes_per_token": cold_bytes_per_step(session.states) / cfg.batch,  # offloading methods
     }
 
 

@@ -136,7 +136,8 @@ def write_report(
 ) -> Path:
     """Write the results page (``docs/RESULTS.md``) from eval output directories.
 
-    Plots ``DIR/plot_<suite>.png`` are copied to ``<out dir>/img/<DIR name>_<suite>.png`` and linked.
+    Plots ``DIR/plot_<suite>.png`` are copied to ``<out dir>/img/<DIR name>_<suite>.png`` and linked, and
+    ``DIR/tradeoff.png`` (accuracy against cache bytes) to ``<out dir>/img/<DIR name>_tradeoff.png``.
     ``fidelity`` lists JSON files written by ``mpckv fidelity --out``; ``bench`` JSON files written by
     ``mpckv bench secure --json`` (one table each, ratios against stock dense of the same run); ``notes``
     a markdown file placed under the title (e.g. the commands behind the benchmark files).
@@ -149,6 +150,7 @@ def write_report(
     records: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     images: dict[str, list[str]] = {}
+    tradeoffs: list[tuple[str, str]] = []
     for d in map(Path, dirs):
         if not (d / "results.json").is_file():
             raise ConfigError(f"{d} has no results.json (run `mpckv eval --out {d}` first)")
@@ -166,6 +168,11 @@ def write_report(
                 k += 1
             shutil.copyfile(png, target)
             images.setdefault(suite, []).append(target.relative_to(out.parent).as_posix())
+        if (d / "tradeoff.png").is_file():  # accuracy against cache bytes, all methods (plots.plot_tradeoff)
+            img.mkdir(parents=True, exist_ok=True)
+            target = img / f"{d.resolve().name}_tradeoff.png"
+            shutil.copyfile(d / "tradeoff.png", target)
+            tradeoffs.append((str(d), target.relative_to(out.parent).as_posix()))
     fid: list[dict[str, Any]] = []
     for f in map(Path, fidelity):
         data = common.read_json(f)
@@ -197,6 +204,13 @@ def write_report(
         parts.append(f"## {suite}\n")
         parts.append(suite_table(records, suite))
         parts += [f"![{suite}]({p})\n" for p in images.get(suite, [])]
+    if tradeoffs:
+        parts.append("## Accuracy against cache bytes\n")
+        parts.append(
+            "Every method of a run; x = measured cache bytes (live entries) relative to dense, one line per "
+            "method through its budgets, dense at x = 1.\n"
+        )
+        parts += [f"`{d}`:\n\n![tradeoff {d}]({p})\n" for d, p in tradeoffs]
     if fid:
         parts.append("## Fidelity against dense\n")
         parts.append(fidelity_table(fid))

@@ -63,6 +63,7 @@ class AssembledPrompt:
     hits: int = 0
     misses: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # what a selector leaves for decode (KVShare δ)
 
     @property
     def num_tokens(self) -> int:
@@ -111,19 +112,30 @@ def compute_chunk(model: Any, token_ids: Sequence[int]) -> tuple[torch.Tensor, t
     return ks, vs
 
 
-def assemble(model: Any, segments: Sequence[Segment], store: ChunkKVStore) -> AssembledPrompt:
-    """Look every chunk up (computing and storing misses), rotate it to its offset, build the tensors."""
+def assemble(
+    model: Any, segments: Sequence[Segment], store: ChunkKVStore, starts: Sequence[int] | None = None
+) -> AssembledPrompt:
+    """Look every chunk up (computing and storing misses), rotate it to its offset, build the tensors.
+
+    ``starts``: the first position of every segment (default: contiguous, ``0..N-1``); Graph-KV's shared
+    position ranges give several segments the same start.
+    """
+    if starts is not None and (len(starts) != len(segments) or any(int(s) < 0 for s in starts)):
+        raise ConfigError("assemble: starts needs one non-negative position per segment")
     cfg, dev = model.config, model.device
     t0 = time.perf_counter()
     ids: list[int] = []
     seg_ids: list[int] = []
     cached: list[bool] = []
     spans: list[tuple[int, int, str]] = []
-    placed: list[tuple[int, ChunkKV]] = []
+    placed: list[tuple[int, int, ChunkKV]] = []  # (row, position) of each chunk's first token
+    pos: list[int] = []
     hits = misses = 0
     compute_s = 0.0
     for i, seg in enumerate(segments):
         start = len(ids)
+        p0 = start if starts is None else int(starts[i])
+        pos.extend(range(p0, p0 + len(seg.token_ids)))
         ids.extend(seg.token_ids)
         seg_ids.extend([i] * len(seg.token_ids))
         if isinstance(seg, Chunk):
@@ -134,30 +146,31 @@ def assemble(model: Any, segments: Sequence[Segment], store: ChunkKVStore) -> As
             else:
                 misses += 1
                 compute_s += time.perf_counter() - tc
-            placed.append((start, chunk))
+            placed.append((start, p0, chunk))
             cached.extend([True] * len(seg.token_ids))
             spans.append((start, len(ids), "chunk"))
         else:
             cached.extend([False] * len(seg.token_ids))
             spans.append((start, len(ids), "raw"))
     n = len(ids)
-    if n > cfg.max_position_embeddings:
+    if max(pos) + 1 > cfg.max_position_embeddings:
         raise ConfigError(
-            f"assembled prompt has {n} tokens > max_position_embeddings {cfg.max_position_embeddings}"
+            f"assembled prompt reaches position {max(pos)} >= max_position_embeddings "
+            f"{cfg.max_position_embeddings}"
         )
     t1 = time.perf_counter()
     shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, n, cfg.head_dim)
     k_old = torch.zeros(shape, dtype=model.dtype, device=dev)
     v_old = torch.zeros(shape, dtype=model.dtype, device=dev)
-    with store.use([c.key for _, c in placed]):
-        for start, chunk in placed:
+    with store.use([c.key for _, _, c in placed]):
+        for start, p0, chunk in placed:
             end = start + chunk.num_tokens
-            k_old[:, :, start:end] = rotate_chunk(chunk.k.to(dev), start, model.inv_freq).to(model.dtype)
+            k_old[:, :, start:end] = rotate_chunk(chunk.k.to(dev), p0, model.inv_freq).to(model.dtype)
             v_old[:, :, start:end] = chunk.v.to(device=dev, dtype=model.dtype)
     t2 = time.perf_counter()
     return AssembledPrompt(
         ids=torch.tensor(ids, dtype=torch.long, device=dev),
-        positions=torch.arange(n, device=dev),
+        positions=torch.tensor(pos, dtype=torch.long, device=dev),
         segment_ids=torch.tensor(seg_ids, dtype=torch.long, device=dev),
         cached=torch.tensor(cached, dtype=torch.bool, device=dev),
         spans=spans,

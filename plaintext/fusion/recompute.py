@@ -70,6 +70,21 @@ class FusedPrefill:
     stats: FusionStats
     prompt: AssembledPrompt | None
     selected: torch.Tensor  # rows recomputed after the check layer (sorted)
+    method: FusionMethod | None = None  # the fusion method that ran (None for full prefill)
+    post: KVMethod | None = None  # the method run on the fused cache afterwards
+    refresh: Any = None  # KVShare's decode-refresh state once generation ran (fusion.refresh.RefreshState)
+
+    def generate(
+        self, engine: Any, max_new_tokens: int, *, stop_tokens: Sequence[int] | None = None
+    ) -> list[int]:
+        """Greedy continuation of this request: the method's own decode (KVShare's refresh rows) when it
+        has one, else :meth:`~mpckv.plaintext.engine.Engine.continue_generation`."""
+        decode = getattr(self.method, "fused_generate", None)
+        if decode is not None:
+            tokens: list[int] = decode(engine, self, max_new_tokens, stop_tokens)
+            return tokens
+        res = engine.continue_generation(self.session, max_new_tokens, stop_tokens=stop_tokens)
+        return list(res.tokens[0])
 
 
 def default_store(model: Any) -> ChunkKVStore:
@@ -221,19 +236,25 @@ def fused_forward(
     return ks, vs, logits, chosen, qs, computed
 
 
-def _session(model: Any, ks: list[torch.Tensor], vs: list[torch.Tensor], logits: torch.Tensor) -> Any:
+def _session(
+    model: Any,
+    ks: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    logits: torch.Tensor,
+    token_pos: torch.Tensor | None = None,
+) -> Any:
     from mpckv.plaintext.engine import Session
 
     cfg, xp, dev = model.config, model.xp, model.device
     n = ks[0].shape[2]
     cache = xp.new_cache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, model.dtype, dev)
-    positions = torch.arange(n, device=dev)[None]
+    positions = (torch.arange(n, device=dev) if token_pos is None else token_pos.to(dev))[None]
     for layer, (k, v) in enumerate(zip(ks, vs, strict=True)):
         cache[layer].append(k, v, positions)
     lengths = torch.tensor([n], device=dev)
     return Session(
         cache=cache,
-        positions=lengths.clone(),
+        positions=positions.max(dim=1).values + 1,
         prompt_lengths=lengths,
         states=[{} for _ in range(cfg.num_hidden_layers)],
         logits=logits,
@@ -257,6 +278,7 @@ def _run_post(model: Any, session: Any, post: KVMethod, qs: list[Any]) -> None:
             model.inv_freq,
             session.states,
             model.xp,
+            session.cache,
         )
         post.on_prefill(ctx)
     session.peak_cache_bytes = max(session.peak_cache_bytes, session.cache.nbytes())
@@ -299,10 +321,19 @@ def prefill_segments(
         )
         return FusedPrefill(session, stats, None, torch.arange(0, device=model.device))
     store = store if store is not None else default_store(model)
-    prompt = assemble(model, segs, store)
-    t1 = time.perf_counter()
-    ks, vs, logits, chosen, qs, computed = fused_forward(model, prompt, method, keep_q=post is not None)
-    session = _session(model, ks, vs, logits)
+    graph = getattr(method, "graph_forward", None)  # Graph-KV: its own positions and block-mask forward
+    if graph is not None:
+        prompt = assemble(model, segs, store, starts=method.starts(segs))
+        prompt.extras["graphkv_roles"] = method.roles(segs)
+        t1 = time.perf_counter()
+        ks, vs, logits, chosen, qs, computed = graph(model, prompt)
+        if post is not None:
+            raise ConfigError("graphkv cannot be combined with a post-fusion method yet")
+    else:
+        prompt = assemble(model, segs, store)
+        t1 = time.perf_counter()
+        ks, vs, logits, chosen, qs, computed = fused_forward(model, prompt, method, keep_q=post is not None)
+    session = _session(model, ks, vs, logits, prompt.positions)
     if post is not None:
         _run_post(model, session, post, qs)
     _sync(model.device)
@@ -320,7 +351,7 @@ def prefill_segments(
         ttft_s=t2 - t0,
         timings={**prompt.timings, "assemble_s": t1 - t0, "forward_s": t2 - t1},
     )
-    return FusedPrefill(session, stats, prompt, chosen)
+    return FusedPrefill(session, stats, prompt, chosen, method, post)
 
 
 def _sync(device: torch.device) -> None:

@@ -188,6 +188,10 @@ class ChunkKVStore:
             return False
         return True
 
+    def pinned_bytes(self) -> int:
+        """Bytes of memory-tier entries under a live pin."""
+        return sum(c.nbytes for k, c in self._mem.items() if self.pinned(k))
+
     def refcount(self, key: str) -> int:
         return self._refs.get(key, 0)
 

@@ -7,8 +7,10 @@ FMInference/H2O ``h2o_hf/utils_real_drop``).
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -16,7 +18,8 @@ from mpckv.errors import ConfigError
 from mpckv.plaintext.kv_cache import LayerCache
 from mpckv.plaintext.methods.allocators import budget_entry_tokens
 from mpckv.plaintext.methods.base import DecodeContext, KVMethod, PrefillContext
-from mpckv.plaintext.methods.scorers import check_choice, keep_topk, reduce_group, window_votes
+from mpckv.plaintext.methods.column_scores import all_query_votes
+from mpckv.plaintext.methods.scorers import check_choice, keep_topk, reduce_group
 from mpckv.registry import register_method
 
 SCORE = "h2o_score"
@@ -56,7 +59,9 @@ class H2O(KVMethod):
     Deviations: scores are kept per sample (the official code sums over the batch) and per KV head
     (official code is MHA); if ``k_h + k_r`` would be 0 we keep one recent entry; ties go to the lower index;
     the cache is compacted (reallocated) on eviction instead of reusing the evicted slot; a composition must
-    run ``h2o`` first (its prefill scores need the uncompacted prompt cache).
+    run ``h2o`` first (its prefill scores need the uncompacted prompt cache). Under MPC (``ctx.xp.secure``)
+    both hooks run in :mod:`mpckv.protocols.h2o_secure` (secret scores and picks, oblivious eviction;
+    ``normalize=False`` only).
     """
 
     heavy_ratio: float = 0.1
@@ -67,7 +72,7 @@ class H2O(KVMethod):
 
     family = "eviction"
     paper = "Zhang et al., NeurIPS 2023 (arXiv 2306.14048)"
-    secure = "planned"
+    secure = "yes"
     needs_decode_probs = True
 
     def __post_init__(self) -> None:
@@ -108,6 +113,9 @@ class H2O(KVMethod):
 
     # ------------------------------------------------------------------ hooks
     def on_prefill(self, ctx: PrefillContext) -> None:
+        if ctx.xp is not None and ctx.xp.secure:  # secret scores, oblivious compaction
+            _secure().on_prefill(self, ctx)
+            return
         cache = ctx.cache
         splits = [
             [self.split(int(n), ctx.layer, h) for h in range(cache.kv_heads)]
@@ -116,7 +124,7 @@ class H2O(KVMethod):
         both = torch.tensor(splits, dtype=torch.long, device=cache.lengths.device)  # [B, Hk, 2]
         ctx.state["k"], ctx.state["recent"] = both[..., 0].contiguous(), both[..., 1].contiguous()
         # column sums of all prompt queries: the window scorer with the window = the whole prompt
-        scores = window_votes(ctx, ctx.q.shape[2], self.group_reduce)
+        scores = all_query_votes(ctx, self.group_reduce)
         n = scores.shape[-1]
         cache.add_meta(SCORE)[:, :, :n] = scores
         if self.normalize:
@@ -125,6 +133,9 @@ class H2O(KVMethod):
         self._evict(ctx)
 
     def after_attention(self, ctx: DecodeContext, probs: torch.Tensor | None) -> None:
+        if ctx.xp is not None and ctx.xp.secure:  # secret scores, oblivious one-entry eviction
+            _secure().after_attention(self, ctx, probs)
+            return
         if probs is None:
             raise ConfigError("h2o needs the decode attention probabilities (needs_decode_probs)")
         cache = ctx.cache
@@ -133,3 +144,8 @@ class H2O(KVMethod):
         if self.normalize:
             cache.meta[COUNT][:, :, :n] += cache.valid()[:, :, :n].float()
         self._evict(ctx)
+
+
+def _secure() -> Any:
+    """The secure twin, imported only under MPC (plaintext never imports the protocols package)."""
+    return importlib.import_module("mpckv.protocols.h2o_secure")

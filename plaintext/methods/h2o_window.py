@@ -8,6 +8,7 @@ NeurIPS 2023, arXiv 2306.14048; the decode-time algorithm of that paper is :mod:
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 
 import torch
@@ -44,7 +45,8 @@ class H2OWindow(KVMethod):
     Deviations: the SnapKV-family repos ``repeat_kv`` and select per query head; we reduce over the group
     and store per KV head. ``N ≤ C`` is untouched; ``C < w`` keeps the last ``C`` tokens. With
     ``window ≥ N`` the votes are the prefill column sums of all prompt queries, i.e. the prefill scores of
-    :class:`~mpckv.plaintext.methods.h2o.H2O` (``normalize=False``).
+    :class:`~mpckv.plaintext.methods.h2o.H2O` (``normalize=False``). Under MPC the eviction runs in
+    :mod:`mpckv.protocols.snapkv_secure` (secret votes and picks, oblivious compaction).
     """
 
     window: int = field(default=32, metadata={"min": 1})
@@ -52,7 +54,7 @@ class H2OWindow(KVMethod):
 
     family = "eviction"
     paper = "Zhang et al., NeurIPS 2023 (arXiv 2306.14048) — SnapKV-family prefill baseline"
-    secure = "planned"
+    secure = "yes"
     default_budget = 2048
 
     def __post_init__(self) -> None:
@@ -68,4 +70,7 @@ class H2OWindow(KVMethod):
     def on_prefill(self, ctx: PrefillContext) -> None:
         caps = prompt_capacities(ctx, self.resolved_budget.tokens_for)
         ctx.state["caps"] = caps
+        if ctx.xp is not None and ctx.xp.secure:  # secret votes, oblivious compaction (as SnapKV)
+            importlib.import_module("mpckv.protocols.snapkv_secure").snapkv_compress(self, ctx, caps)
+            return
         snapkv_compress(ctx, caps, self.window, 1, "max", self.group_reduce)

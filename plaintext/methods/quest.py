@@ -28,12 +28,16 @@ Deviations from the paper (see ``shared/methods/quest.md``):
   selected pages are expanded to token indices that the engine gathers (no paged-attention kernel).
 * The first ``skip_layers`` layers (paper: 2) attend densely; so does every step where the row has no
   more than ``K`` pages.
+* **Under MPC** (``ctx.xp.secure``) :meth:`Quest.select` delegates to :mod:`mpckv.protocols.quest_secure`:
+  secret page bounds and scores, the secure top-k network, an oblivious page gather; page counts and
+  budgets are public. ``"mean"`` is ranked as a sum there (the same order).
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -85,7 +89,7 @@ class Quest(KVMethod):
 
     family = "selection"
     paper = "Tang et al., ICML 2024 (arXiv 2406.10774)"
-    secure = "planned"
+    secure = "yes"
     default_budget = 1024
 
     def __post_init__(self) -> None:
@@ -182,6 +186,9 @@ class Quest(KVMethod):
         heads) a lean path scores, ranks and expands the pages with a handful of tensor operations and no
         masks; it returns exactly what the general path returns (same ranking, ties to the lower page).
         """
+        if ctx.xp is not None and ctx.xp.secure:
+            sel: Selection | None = _secure().select(self, ctx)
+            return sel
         if ctx.layer < self.skip_layers:
             return None
         n = _uniform_length(ctx.cache.lengths)
@@ -234,3 +241,8 @@ def _uniform_length(lengths: torch.Tensor) -> int | None:
     """The common length of every row, or ``None`` when rows differ (one host sync)."""
     flat = lengths.flatten().tolist()
     return flat[0] if flat and all(x == flat[0] for x in flat) else None
+
+
+def _secure() -> Any:
+    """The secure twin, imported only under MPC (plaintext never imports the protocols package)."""
+    return importlib.import_module("mpckv.protocols.quest_secure")

@@ -7,7 +7,9 @@ Before Generation.* NeurIPS 2024, arXiv 2404.14469 (official code FasterDecoding
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -58,7 +60,9 @@ class SnapKV(KVMethod):
     (3) ``C < w`` shrinks the kept window to the last ``C`` tokens instead of failing. (4) Ragged batches:
     each sample uses its own last ``w`` tokens and its own ``C`` (ratio budgets are per sample). (5) Ties go
     to the lower index and kept entries stay in ascending position order. (6) The observation window is
-    always the last ``w`` prompt tokens (no separately supplied question).
+    always the last ``w`` prompt tokens (no separately supplied question). (7) Under MPC
+    (``ctx.xp.secure``) the eviction runs in :mod:`mpckv.protocols.snapkv_secure`: secret votes and
+    picks, oblivious compaction; capacities are public.
     """
 
     window: int = field(default=32, metadata={"min": 1})
@@ -68,7 +72,7 @@ class SnapKV(KVMethod):
 
     family = "eviction"
     paper = "Li et al., NeurIPS 2024 (arXiv 2404.14469)"
-    secure = "planned"
+    secure = "yes"
     default_budget = 2048
 
     def __post_init__(self) -> None:
@@ -87,4 +91,12 @@ class SnapKV(KVMethod):
     def on_prefill(self, ctx: PrefillContext) -> None:
         caps = self.capacities(ctx)
         ctx.state["caps"] = caps
+        if ctx.xp is not None and ctx.xp.secure:  # secret votes, oblivious compaction
+            _secure().snapkv_compress(self, ctx, caps)
+            return
         snapkv_compress(ctx, caps, self.window, self.kernel_size, self.pooling, self.group_reduce)
+
+
+def _secure() -> Any:
+    """The secure twin, imported only under MPC (plaintext never imports the protocols package)."""
+    return importlib.import_module("mpckv.protocols.snapkv_secure")

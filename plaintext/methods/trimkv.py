@@ -80,6 +80,8 @@ class TrimKV(KVMethod):
     Deviations: gate input (value and key pair norms instead of the hidden state, see
     :mod:`mpckv.calibrate.trimkv_gates`); ``t`` per sample (official: ``seen_tokens`` counts padding);
     per-layer-uniform budgets only (no dynamic head/layer competition); evicted tokens never return.
+    Under MPC (``ctx.xp.secure``) only ``gates="constant"`` runs: the kept set is then a public function of
+    positions and the budget, evicted by public index (local to each party's shares).
     """
 
     gates: str = "auto"
@@ -90,10 +92,10 @@ class TrimKV(KVMethod):
 
     family = "eviction"
     paper = "Bui et al., arXiv 2512.03324"
-    secure = "planned"
+    secure = "yes"
     secure_note: ClassVar[str] = (
-        "public gates give a public pattern (StreamingLLM-like); secret retention needs a secure top-M "
-        "every buffer_size tokens; not built yet"
+        "under MPC gates=constant only: retention is then a public function of positions (public-index "
+        "eviction); learned gates read K and V, so their retention would be secret (needs a secure top-M)"
     )
     default_budget = 1024
 
@@ -122,6 +124,16 @@ class TrimKV(KVMethod):
             return _gates_from_file(str(found), config)
         return _gates_from_file(str(Path(self.gates).resolve()), config)
 
+    def _public_log_beta(self, ctx: PrefillContext | DecodeContext, rows: int) -> torch.Tensor:
+        """Under MPC: constant gates only; ``log β [B, Hk, rows]`` without reading the secret K, V."""
+        if self.gates != "constant":
+            raise ConfigError(
+                "trimkv under MPC needs gates=constant: learned gates read each token's K and V, so their "
+                "retention scores would be secret (a secure top-M is not built)"
+            )
+        cache = ctx.cache
+        return torch.full((cache.batch, cache.kv_heads, rows), self.constant_log_beta, dtype=torch.float32)
+
     def log_beta(self, ctx: PrefillContext | DecodeContext, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         gates = self.layer_gates(ctx.config)
         if gates is None:
@@ -138,7 +150,10 @@ class TrimKV(KVMethod):
         k = torch.where(trigger, m, cache.lengths)
         pos = cache.positions()
         age = (t[:, None, None] - pos).float()
-        score = age * cache.meta[LOG_BETA][:, :, : cache.max_length]
+        if ctx.xp is not None and ctx.xp.secure:  # constant gates: log β needs no per-entry metadata
+            score = age * self._public_log_beta(ctx, cache.max_length)
+        else:
+            score = age * cache.meta[LOG_BETA][:, :, : cache.max_length]
         forced = (pos < self.sinks) | (pos >= (t[:, None, None] - self.recent))
         keep_topk(cache, score, k, forced)
 
@@ -153,12 +168,18 @@ class TrimKV(KVMethod):
         ]
         ctx.state["m"] = torch.tensor(rows, dtype=torch.long, device=cache.lengths.device)
         n = cache.max_length
-        cache.add_meta(LOG_BETA)[:, :, :n] = self.log_beta(ctx, cache.keys(), cache.values())
+        if ctx.xp is not None and ctx.xp.secure:  # public retention: public-index eviction
+            self._public_log_beta(ctx, n)  # checks the gates
+        else:
+            cache.add_meta(LOG_BETA)[:, :, :n] = self.log_beta(ctx, cache.keys(), cache.values())
         self._compress(ctx, ctx.prompt_lengths.to(cache.lengths.device))
 
     def after_attention(self, ctx: DecodeContext, probs: torch.Tensor | None) -> None:
         cache = ctx.cache
         last = (cache.lengths - 1).clamp_min(0)  # [B, Hk]: the entry just appended
+        if ctx.xp is not None and ctx.xp.secure:
+            self._compress(ctx, ctx.positions + 1)
+            return
         d = cache.head_dim
         idx = last[..., None, None].expand(-1, -1, 1, d)
         k_new = torch.gather(cache.keys(), 2, idx)

@@ -55,7 +55,7 @@ def prompt(n: int, seed: int) -> list[int]:
 # ---------------------------------------------------------------------------- configuration
 def test_registered_with_defaults():
     m = get_method("quest")
-    assert isinstance(m, Quest) and m.family == "selection" and m.secure == "planned"
+    assert isinstance(m, Quest) and m.family == "selection" and m.secure == "yes"
     assert (m.page_size, m.skip_layers, m.group_reduce, m.sink_page) == (16, 2, "max", False)
     assert "2406.10774" in m.paper
 

@@ -127,5 +127,5 @@ def test_bench_secure_records(byte_model, tmp_path):
 
 
 def test_bench_rejects_methods_without_secure_support(capsys):
-    code = main(["bench", "secure", "--methods", "snapkv", "--lengths", "16"])
+    code = main(["bench", "secure", "--methods", "razorattention", "--lengths", "16"])
     assert code == 2 and "does not run under MPC" in capsys.readouterr().err

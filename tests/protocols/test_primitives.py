@@ -89,6 +89,66 @@ def check_topk_ties_and_edges():
     assert empty.shape == (2, 0, 12)
 
 
+def check_topk_network_longer_rows():
+    """Rows long enough for several merge-and-truncate levels, with a uniform budget (banded one-hot)."""
+    g = torch.Generator().manual_seed(5)
+    for n, k in ((100, 7), (64, 32), (37, 16), (33, 1)):
+        S, sq = _enc(_distinct_scores(g, (2, n), 0.01))
+        ref = P.topk_onehot_plain(sq, k)
+        for network in ("bitonic", "sort"):
+            got = P.secure_topk(S, k, network=network).get_plain_text()
+            assert torch.equal(got.long(), ref.long()), (n, k, network)
+
+
+def check_packed_equality():
+    """eq_zero == (x == 0) on small, large and negative integers, for fewer bytes than CrypTen's eq."""
+    from mpckv.protocols import comm
+
+    crypten = import_crypten()
+    g = torch.Generator().manual_seed(9)
+    for m in (2, 3, 37, 130):
+        x = torch.randint(-3, 4, (m,), generator=g)
+        x[: m // 3] *= torch.randint(1, 2**40, (m // 3,), generator=g)  # large magnitudes too
+        X = P._from_share(P._add_public(torch.zeros(m, dtype=torch.long), x), 0)
+        X = X + crypten.cryptensor(torch.zeros(m), precision=0)  # re-randomise the shares
+        comm.install()
+        before = comm.snapshot().bytes_total
+        got = P.eq_zero(X)
+        mid = comm.snapshot().bytes_total
+        ref = X.eq(0)
+        after = comm.snapshot().bytes_total
+        assert torch.equal(got.get_plain_text().long(), (x == 0).long()), (m, x)
+        assert torch.equal(ref.get_plain_text().long(), (x == 0).long())
+        if m >= 37:
+            assert mid - before < 0.6 * (after - mid), (mid - before, after - mid)
+
+
+def check_packed_sign():
+    """ltz == (x < 0) on random ring elements, extremes and fixed-point values, for fewer bytes than lt."""
+    from mpckv.protocols import comm
+
+    crypten = import_crypten()
+    g = torch.Generator().manual_seed(10)
+    comm.install()
+    for m in (2, 5, 64, 131):
+        x = torch.randint(-(2**62), 2**62, (m,), generator=g, dtype=torch.long)
+        x[: m // 4] = torch.randint(-3, 3, (m // 4,), generator=g)
+        x[0], x[1] = -(2**62), 2**62 - 1
+        X = P._from_share(P._add_public(torch.zeros(m, dtype=torch.long), x), 0)
+        X = X + crypten.cryptensor(torch.zeros(m), precision=0)  # re-randomise the shares
+        before = comm.snapshot().bytes_total
+        got = P.ltz(X)
+        mid = comm.snapshot().bytes_total
+        ref = X.lt(0)
+        after = comm.snapshot().bytes_total
+        assert torch.equal(got.get_plain_text().long(), (x < 0).long()), (m, x)
+        assert torch.equal(ref.get_plain_text().long(), (x < 0).long())
+        if m >= 64:
+            assert mid - before < 0.6 * (after - mid), (mid - before, after - mid)
+    F, fq = _enc(torch.randn(3, 7, generator=g) * 100)
+    assert torch.equal(P.ltz(F).get_plain_text().long(), (fq < 0).long())
+
+
 def check_tree_max_select_and_sharing():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 37, generator=g) * 50
@@ -238,6 +298,9 @@ def check_small_topk_pipeline_and_softmax():
 
 CHECKS_2PC = [
     check_topk_property,
+    check_topk_network_longer_rows,
+    check_packed_equality,
+    check_packed_sign,
     check_topk_ties_and_edges,
     check_tree_max_select_and_sharing,
     check_block_minmax_property,
@@ -277,6 +340,22 @@ def test_plain_twins():
     assert torch.equal(oh, torch.tensor([[[0, 1, 0, 0], [0, 0, 0, 1]]]))
     sc = P.linear_block_scores_plain(torch.ones(1, 1, 2), mn, mx, 0.5)
     assert torch.allclose(sc, torch.tensor([[[3.0, 11.0, 17.0]]]))
+
+
+def test_topk_network_size_is_smaller_than_the_sort():
+    """The top-k network's comparison count: the full sort's formula for k ≥ N, fewer below."""
+    for n in (16, 100, 256, 4096):
+        b = math.ceil(math.log2(n))
+        sort = P.topk_network_size(n, n, "sort")
+        assert sort == {"comparisons": (1 << b) // 2 * b * (b + 1) // 2, "stages": b * (b + 1) // 2}
+        assert P.topk_network_size(n, n, "bitonic") == sort
+        prev = sort["comparisons"]
+        for k in sorted({n // 2, n // 8, 2}, reverse=True):
+            cur = P.topk_network_size(n, k, "bitonic")["comparisons"]
+            assert cur < prev, (n, k)
+            prev = cur
+    assert P.topk_network_size(10, 3, "rank") == {"comparisons": 45, "stages": 1}
+    assert P.topk_network_size(1, 1) == {"comparisons": 0, "stages": 0}
 
 
 def test_argument_errors():
