@@ -1,13 +1,6 @@
 #!/bin/bash
-# Copy the run directories' records into docs/runs/ and write docs/RESULTS.md from them.
+# Write docs/RESULTS.md from the records kept under docs/runs/ (this session's set).
 set -e
-mkdir -p docs/runs/bench
-for d in "$@"; do
-  n=$(basename "$d"); mkdir -p docs/runs/$n
-  cp "$d"/results.json "$d"/meta.json docs/runs/$n/
-  cp "$d"/plot_*.png docs/runs/$n/ 2>/dev/null || true
-done
-cp runs/bench/*.json docs/runs/bench/
-B=$(ls docs/runs/bench/plaintext_*.json docs/runs/bench/fusion_*.json)
-R=$(for d in "$@"; do echo docs/runs/$(basename "$d"); done)
-.venv/bin/mpckv report --results $R --bench $B --notes docs/results_notes.md --out docs/RESULTS.md
+.venv/bin/mpckv report --results docs/runs/eval_q4k_bf16 docs/runs/eval_q4k_bf16_quant docs/runs/eval_qwen05b_4k docs/runs/eval_qwen05b_4k_n8 docs/runs/evict_tiny docs/runs/select_a_tiny docs/runs/select_b_tiny docs/runs/store_quant_tiny docs/runs/store_shape_tiny \
+  --bench docs/runs/bench/fusion_qwen05b_4k_n12.json docs/runs/bench/fusion_qwen05b_4k_n4.json docs/runs/bench/fusion_tiny_all.json docs/runs/bench/plaintext_llama8b_attn_select.json docs/runs/bench/plaintext_smollm2_storage.json docs/runs/bench/plaintext_llama8b_attn.json docs/runs/bench/plaintext_smollm2.json docs/runs/bench/secure_smollm2_4096_v2.json docs/runs/bench/secure_smollm2.json docs/runs/bench/secure_smollm2_3pc.json docs/runs/bench/secure_tiny_methods.json \
+  --notes docs/results_notes.md --out docs/RESULTS.md
