@@ -45,6 +45,7 @@ __all__ = [
     "assert_check_passed",
     "party_settings",
     "PartyFailure",
+    "secure_generation_party",
 ]
 
 _PROTOCOLS = ("beaver", "replicated")
@@ -251,6 +252,29 @@ def run_parties(
         results.cancel_join_thread()
         shutil.rmtree(tmpdir, ignore_errors=True)
     return [out[r] for r in range(world_size)]
+
+
+def secure_generation_party(
+    model_dir: str, prompt: list[int], new_tokens: int, method: Any
+) -> dict[str, Any]:
+    """One party of a private generation with ``method`` (persistent KV cache), for ``run_parties``.
+
+    Returns what the parity tests compare with plaintext: the rank, the tokens (party 1 only), kept and read
+    entries per layer, the audited openings as ``(shape, destination)`` and the bytes per operation.
+    """
+    from mpckv.protocols import audit
+    from mpckv.protocols.secure_generate import secure_generate
+
+    with audit.recording() as log:
+        run = secure_generate(model_dir, prompt, new_tokens, method, kv_cache="persistent")
+    return {
+        "rank": run.rank,
+        "tokens": run.tokens,
+        "kept": run.stats.kept_per_layer,
+        "read": run.stats.read_per_layer,
+        "reveals": [(e.shape, e.dst) for e in log],
+        "by_op": {k: v["bytes"] for k, v in run.comm.by_op.items()},
+    }
 
 
 def _check_name(check: Callable[..., Any]) -> str:

@@ -25,7 +25,13 @@ from mpckv.plaintext.methods.h2o import H2O
 from mpckv.plaintext.methods.scorers import keep_topk
 from mpckv.protocols import comm
 from mpckv.protocols.compat import import_crypten
-from mpckv.protocols.testing import assert_check_passed, party_settings, register_checks, run_parties
+from mpckv.protocols.testing import (
+    assert_check_passed,
+    party_settings,
+    register_checks,
+    run_parties,
+    secure_generation_party,
+)
 from mpckv.random_model import random_llama
 
 pytestmark = pytest.mark.mpc
@@ -107,20 +113,6 @@ def test_h2o_secure_in_two_parties(check):
 PARAMS: dict[str, Any] = dict(budget=16, recent_fraction=0.25)
 
 
-def _gen_party(model_dir: str, prompt: list[int]) -> dict:
-    from mpckv.protocols import audit
-    from mpckv.protocols.secure_generate import secure_generate
-
-    with audit.recording() as log:
-        run = secure_generate(model_dir, prompt, NEW, H2O(**PARAMS), kv_cache="persistent")
-    return {
-        "rank": run.rank,
-        "tokens": run.tokens,
-        "kept": run.stats.kept_per_layer,
-        "reveals": [(e.shape, e.dst) for e in log],
-    }
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("h2o_secure_tiny")
@@ -133,7 +125,9 @@ def test_secure_generation_equals_plaintext(model_dir):
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, VOCAB, (PROMPT_LEN,), generator=g).tolist()
     plain = mpckv.Engine(model, H2O(**PARAMS)).generate([prompt], max_new_tokens=NEW, stop_tokens=[])
-    results = run_parties(_gen_party, 2, timeout=300, args=(model_dir, prompt))
+    results = run_parties(
+        secure_generation_party, 2, timeout=300, args=(model_dir, prompt, NEW, H2O(**PARAMS))
+    )
     by_rank = {r["rank"]: r for r in results}
     assert by_rank[1]["tokens"] == plain.tokens[0]
     assert by_rank[0]["tokens"] is None

@@ -25,7 +25,13 @@ from mpckv.plaintext.methods.base import DecodeContext
 from mpckv.plaintext.methods.quest import Quest
 from mpckv.protocols import comm
 from mpckv.protocols.compat import import_crypten
-from mpckv.protocols.testing import assert_check_passed, party_settings, register_checks, run_parties
+from mpckv.protocols.testing import (
+    assert_check_passed,
+    party_settings,
+    register_checks,
+    run_parties,
+    secure_generation_party,
+)
 from mpckv.random_model import random_llama
 
 pytestmark = pytest.mark.mpc
@@ -157,21 +163,6 @@ def test_quest_secure_in_two_parties(check):
 PARAMS: dict[str, Any] = dict(budget=12, page_size=4, skip_layers=1)
 
 
-def _gen_party(model_dir: str, prompt: list[int]) -> dict:
-    from mpckv.protocols import audit
-    from mpckv.protocols.secure_generate import secure_generate
-
-    with audit.recording() as log:
-        run = secure_generate(model_dir, prompt, NEW, Quest(**PARAMS), kv_cache="persistent")
-    return {
-        "rank": run.rank,
-        "tokens": run.tokens,
-        "read": run.stats.read_per_layer,
-        "reveals": [(e.shape, e.dst) for e in log],
-        "by_op": {k: v["bytes"] for k, v in run.comm.by_op.items()},
-    }
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("quest_secure_tiny")
@@ -186,7 +177,9 @@ def test_secure_generation_equals_plaintext(model_dir):
     eng = mpckv.Engine(model, Quest(**PARAMS))
     plain = eng.generate([prompt], max_new_tokens=NEW, stop_tokens=[])
     want = plain.tokens[0]
-    results = run_parties(_gen_party, 2, timeout=300, args=(model_dir, prompt))
+    results = run_parties(
+        secure_generation_party, 2, timeout=300, args=(model_dir, prompt, NEW, Quest(**PARAMS))
+    )
     by_rank = {r["rank"]: r for r in results}
     assert by_rank[1]["tokens"] == list(want)
     assert by_rank[0]["tokens"] is None

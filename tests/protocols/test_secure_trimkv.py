@@ -18,7 +18,7 @@ import mpckv
 from mpckv.config import ModelConfig
 from mpckv.errors import ConfigError
 from mpckv.plaintext.methods.trimkv import TrimKV
-from mpckv.protocols.testing import run_parties
+from mpckv.protocols.testing import run_parties, secure_generation_party
 from mpckv.random_model import random_llama
 
 VOCAB, NEW, PROMPT_LEN = 48, 6, 30
@@ -38,20 +38,6 @@ def _cfg(layers: int) -> ModelConfig:
     )
 
 
-def _gen_party(model_dir: str, prompt: list[int]) -> dict:
-    from mpckv.protocols import audit
-    from mpckv.protocols.secure_generate import secure_generate
-
-    with audit.recording() as log:
-        run = secure_generate(model_dir, prompt, NEW, TrimKV(**PARAMS), kv_cache="persistent")
-    return {
-        "rank": run.rank,
-        "tokens": run.tokens,
-        "kept": run.stats.kept_per_layer,
-        "reveals": [(e.shape, e.dst) for e in log],
-    }
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("trimkv_secure_tiny")
@@ -65,7 +51,9 @@ def test_secure_generation_equals_plaintext(model_dir):
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, VOCAB, (PROMPT_LEN,), generator=g).tolist()
     plain = mpckv.Engine(model, TrimKV(**PARAMS)).generate([prompt], max_new_tokens=NEW, stop_tokens=[])
-    results = run_parties(_gen_party, 2, timeout=300, args=(model_dir, prompt))
+    results = run_parties(
+        secure_generation_party, 2, timeout=300, args=(model_dir, prompt, NEW, TrimKV(**PARAMS))
+    )
     by_rank = {r["rank"]: r for r in results}
     assert by_rank[1]["tokens"] == plain.tokens[0]
     assert by_rank[0]["tokens"] is None
