@@ -303,3 +303,18 @@ def test_cli_eval_default_out_dir(ckpt, tmp_path, monkeypatch):
     assert main([*argv, "--n", "1", "--no-progress", "--no-plots"]) == 0
     records = json.loads((tmp_path / "eval-runs" / Path(ckpt).name / "results.json").read_text())
     assert [r["method"] for r in records] == ["dense"] and records[0]["metric"] == "first_line"
+
+
+def test_suite_table_keeps_rows_with_different_parameters_apart():
+    from mpckv.evals.report import suite_table
+
+    base = {"suite": "passkey", "length": 64, "budget": 0.1, "mode": "query-agnostic", "model": "m", "n": 2}
+    base.update(kept_fraction=0.1, read_fraction=0.1)
+    recs = [
+        dict(base, method="nosa", params={}, accuracy=1.0),
+        dict(base, method="nosa", params={"bias": "zero"}, accuracy=0.5),
+    ]
+    table = suite_table(recs, "passkey")
+    rows = [line for line in table.splitlines() if line.startswith("| `nosa`")]
+    assert len(rows) == 2
+    assert "(bias=zero)" in rows[1] and "(bias=zero)" not in rows[0]

@@ -56,16 +56,25 @@ def _cell_text(r: dict[str, Any]) -> str:
     return f"{100 * r['accuracy']:.0f} · {frac}"
 
 
+def _method_label(r: dict[str, Any]) -> str:
+    """The method name, with its non-default parameters when the run set any (``nosa (bias=zero)``)."""
+    params = r.get("params") or {}
+    if not params:
+        return str(r["method"])
+    text = ", ".join(f"{k}={params[k]}" for k in sorted(params))
+    return f"{r['method']} ({text})"
+
+
 def suite_table(records: Sequence[dict[str, Any]], suite: str) -> str:
     """The markdown table of one suite (the last record wins when a row/length appears twice)."""
     recs = [r for r in records if r["suite"] == suite]
     modes = sorted({r["mode"] for r in recs})
     models = sorted({r["model"] for r in recs})
     lengths = sorted({int(r["length"]) for r in recs})
-    method_rank = {m: i for i, m in enumerate(dict.fromkeys(r["method"] for r in recs))}
+    method_rank = {m: i for i, m in enumerate(dict.fromkeys(_method_label(r) for r in recs))}
     cells: dict[tuple[Any, ...], dict[int, str]] = {}
     for r in recs:
-        row = (r["method"], r["budget"], r["mode"], r["model"])
+        row = (_method_label(r), r["budget"], r["mode"], r["model"])
         cells.setdefault(row, {})[int(r["length"])] = _cell_text(r)
     rows = sorted(
         cells,
@@ -79,7 +88,8 @@ def suite_table(records: Sequence[dict[str, Any]], suite: str) -> str:
         "|" + "---|" * (len(head) + len(lengths)),
     ]
     for row in rows:
-        left = [f"`{row[0]}`", _fmt_budget(row[1])]
+        name, _, extra = row[0].partition(" ")
+        left = [f"`{name}`" + (f" {extra}" if extra else ""), _fmt_budget(row[1])]
         left += [row[2]] if len(modes) > 1 else []
         left += [row[3]] if len(models) > 1 else []
         vals = [cells[row].get(n, "—") for n in lengths]
