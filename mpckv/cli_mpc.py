@@ -160,7 +160,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_bench_secure(args: argparse.Namespace) -> int:
-    """Per-token secure decode cost (bytes, rounds, modelled LAN/WAN and wall time) across local parties."""
+    """Per-token secure decode cost (bytes, rounds, modelled LAN/WAN and wall time) across local parties,
+    and, for methods that evict at prefill, the one-off cost of their secure prefill eviction."""
     from mpckv.budget import Budget
     from mpckv.io import check_writable
     from mpckv.protocols.bench_secure import base_method, format_table, run_bench
@@ -197,10 +198,13 @@ def cmd_bench_secure(args: argparse.Namespace) -> int:
 
 
 def _kv_caches(text: str) -> list[str]:
+    """``--kv-cache``: ``stock``, ``persistent``, both comma-separated, or ``both`` (= stock,persistent)."""
     out = [x.strip() for x in text.split(",") if x.strip()]
+    if out == ["both"]:
+        out = ["stock", "persistent"]
     bad = [x for x in out if x not in ("stock", "persistent")]
     if not out or bad:
-        raise UsageError(f"--kv-cache takes stock, persistent or both (comma-separated), got {text!r}")
+        raise UsageError(f"--kv-cache takes stock, persistent, both or stock,persistent, got {text!r}")
     return out
 
 
@@ -246,7 +250,7 @@ def add_mpc_commands(sub: Any) -> None:
     p.add_argument(
         "--kv-cache",
         default="stock,persistent",
-        help="secure KV caches to measure: stock, persistent or both",
+        help="secure KV caches to measure: stock, persistent, both (comma-separated or the word 'both')",
     )
     p.add_argument("--json", metavar="FILE", help="write the records to this JSON file")
     p.set_defaults(handler=cmd_bench_secure)

@@ -4,7 +4,9 @@ A request is a list of segments: :class:`Chunk` (a span whose KV may be reused f
 :class:`Raw` (tokens that are always computed fresh, e.g. the question). Token ids are concatenated per
 segment as given; the joined text is never re-tokenized (boundary merges would change the ids and break
 cache hits). Positions are absolute and contiguous (``0..N-1``); each chunk's canonical cache is rotated
-once to its offset (:func:`~mpckv.plaintext.fusion.rerotate.rotate_chunk`).
+once to its offset (:func:`~mpckv.plaintext.fusion.rerotate.rotate_chunk`). Chunk caches are computed behind
+the model's BOS token (:func:`sink_prefix`), which is then dropped: the only attention sink of the assembled
+prompt is its own first token, as in full prefill.
 """
 
 from __future__ import annotations
@@ -101,15 +103,37 @@ def as_segments(segments: Sequence[Any]) -> list[Segment]:
     return out
 
 
+def sink_prefix(model: Any) -> tuple[int, ...]:
+    """Tokens a chunk is prefilled behind: the model's BOS token when it has one, else none.
+
+    A chunk prefilled alone turns its own first token into an attention sink (massive activations that
+    draw most of every head's attention); concatenated, a request then carries one spurious sink per chunk,
+    and every chunk's deeper K/V were computed relative to it. Prefilling behind the BOS that the assembled
+    prompt also starts with keeps the sink where full prefill has it. CacheBlend's official pipeline does
+    the same (each chunk prefilled behind BOS, the BOS entry dropped; arXiv 2405.16444), as does EPIC's
+    LegoLink-0 with dummy sink tokens (arXiv 2410.15332). Models without a BOS token get no prefix.
+    """
+    bos = model.config.bos_token_id
+    return () if bos is None else (int(bos),)
+
+
 @torch.no_grad()
-def compute_chunk(model: Any, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefill ``token_ids`` alone at positions ``0..n-1``: canonical ``k, v [L, Hk, n, d]``."""
+def compute_chunk(
+    model: Any, token_ids: Sequence[int], prefix: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical ``k, v [L, Hk, n, d]`` of ``token_ids``: keys as if at positions ``0..n-1``.
+
+    The chunk is prefilled behind ``prefix`` (default :func:`sink_prefix`); the prefix rows are dropped and
+    the keys rotated back by ``len(prefix)`` (in fp32) so the canonical form stays at ``0..n-1``.
+    """
     from mpckv.plaintext.engine import Engine
 
-    session = Engine(model, "dense").prefill([list(token_ids)])
-    ks = torch.stack([lc.keys()[0] for lc in session.cache.layers])
-    vs = torch.stack([lc.values()[0] for lc in session.cache.layers])
-    return ks, vs
+    pre = sink_prefix(model) if prefix is None else tuple(int(t) for t in prefix)
+    p = len(pre)
+    session = Engine(model, "dense").prefill([[*pre, *(int(t) for t in token_ids)]])
+    ks = torch.stack([lc.keys()[0][:, p:] for lc in session.cache.layers])
+    vs = torch.stack([lc.values()[0][:, p:] for lc in session.cache.layers]).contiguous()
+    return rotate_chunk(ks, -p, model.inv_freq).contiguous(), vs
 
 
 def assemble(

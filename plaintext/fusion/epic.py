@@ -9,8 +9,10 @@ Every layer computes only the selected rows (no fully recomputed leading layer, 
 Chunks shorter than ``k`` are recomputed whole; a chunk at the very start of the prompt keeps its cache
 (its sink is the real one).
 
-Deviations: LegoLink-0 (chunks compiled behind dummy sink tokens) is not implemented; ``ratio`` is unused
-(the budget is ``k`` rows per chunk, reported as the realised recompute ratio).
+Deviations: LegoLink-0's dummy sink tokens are, for models with a BOS token, the one BOS every chunk
+cache is computed behind (:func:`~mpckv.plaintext.fusion.assemble.sink_prefix`, shared by all fusion
+methods) rather than four dummies; ``k`` rows per chunk are recomputed on top. ``ratio`` is unused (the
+budget is ``k`` rows per chunk, reported as the realised recompute ratio).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import torch
 
 from mpckv.errors import ConfigError
 
-_FORMAT = "mpckv-chunk-kv/1"
+_FORMAT = "mpckv-chunk-kv/2"  # /2: chunks computed behind the sink prefix (assemble.sink_prefix)
 
 
 @dataclass

@@ -45,7 +45,7 @@ from mpckv.calibrate import config_signature, shipped_file
 from mpckv.config import ModelConfig
 from mpckv.errors import CheckpointError, ConfigError
 from mpckv.plaintext.methods.base import DecodeContext, KVMethod, PrefillContext, Selection
-from mpckv.plaintext.methods.selection_parts import forced_split
+from mpckv.plaintext.methods.selection_parts import forced_split, mask_to_index
 from mpckv.plaintext.rope import rerotate
 from mpckv.plaintext.tiered_store import TieredKVStore
 from mpckv.registry import register_method
@@ -362,14 +362,9 @@ class A2ATS(KVMethod):
             return None
         mask = self.retrieve(ctx, st)
         b, hk, nc = mask.shape
-        counts = mask.sum(-1)
-        width = int(counts.max())
-        pos_in = torch.cumsum(mask, dim=-1) - 1
-        target = torch.where(mask, pos_in, torch.full_like(pos_in, width))
-        index = torch.zeros(b, hk, width + 1, dtype=torch.long, device=mask.device)
-        index.scatter_(2, target, torch.arange(nc, device=mask.device).expand(b, hk, nc))
-        index = index[..., :width]
-        valid = torch.arange(width, device=mask.device) < counts[..., None]
+        index, valid = mask_to_index(mask)  # one nonzero, no int64 pass over the context
+        counts = valid.sum(-1)
+        width = index.shape[-1]
         r = b * hk
         rows = torch.arange(r, device=mask.device).repeat_interleave(width)
         st.store.begin_step()

