@@ -7,8 +7,10 @@ optional per-channel balancer ``b`` (MiKV): the stored codes quantize ``k ⊙ b`
 ``q ⊘ b``. One softmax runs over both segments (the log-sum-exp of the two parts is merged).
 
 * torch path: the scale is folded into the dot product, ``q·(s·c + z) = s·(q·c) + z·Σq`` per group, and
-  the values likewise ``Σ_t p_t(s_t·c_t + z_t) = (p ⊙ s)·C + p·z``; each bit plane is widened to fp32 and
-  multiplied as is (no interleaving, no full dequantized copy when there is one group per head).
+  the values likewise ``Σ_t p_t(s_t·c_t + z_t) = (p ⊙ s)·C + p·z``; the planes are widened to fp32 in
+  channel order (no interleaving, no full dequantized copy when there is one group per head). 4 bits with one
+  group: no mask either — the byte ``lo + 16·hi`` and its high nibble are widened and the low nibble is
+  folded into the other operand (``q_lo·byte + (q_hi − 16·q_lo)·hi``; values ``w·byte − 16·w·hi``).
 * Triton path: flash-decoding over the quantized segment, dequantizing each ``[BLOCK_L, d]`` tile in
   registers from the packed bytes; the full-precision segment's partial softmax is computed in torch and
   merged. Probabilities (when asked) are recomputed from the merged log-sum-exp in torch.
@@ -28,6 +30,7 @@ __all__ = [
     "QuantSegment",
     "dequantize_segment",
     "merge_two_segments",
+    "planar_planes",
     "quant_attention",
     "segment_scores",
     "segment_weighted",
@@ -67,20 +70,39 @@ def _check(seg: QuantSegment) -> None:
         raise ValueError(f"group {seg.group} must divide the head dimension {seg.dim}")
 
 
-def _plane(seg: QuantSegment, i: int) -> torch.Tensor:
-    # a uint8 tensor operand: ``codes & int`` takes a slow type-promoting path on CPU (~50x slower)
-    mask = torch.tensor((1 << seg.bits) - 1, dtype=torch.uint8, device=seg.codes.device)
-    shifted = seg.codes if i == 0 else seg.codes >> (seg.bits * i)
-    return torch.bitwise_and(shifted, mask) if i < seg.planes - 1 or i == 0 else shifted
+def planar_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Planar bytes ``[..., M]`` → uint8 codes ``[..., 8 / bits, M]`` (plane ``i``: channels
+    ``[iM, (i+1)M)``), one shift and one mask per plane, stacked. Shifts and masks are 0-dim uint8 tensors: a
+    Python-int ``&`` takes a ~50x slower promoting path on CPU, a broadcast ``[k, 1]`` shift a ~3x slower
+    one."""
+    k = 8 // bits
+    if k == 1:
+        return codes[..., None, :]
+    dev = codes.device
+    mask = torch.tensor((1 << bits) - 1, dtype=torch.uint8, device=dev)
+    planes = [torch.bitwise_and(codes, mask)]
+    for i in range(1, k):
+        shifted = torch.bitwise_right_shift(codes, torch.tensor(bits * i, dtype=torch.uint8, device=dev))
+        planes.append(shifted if i == k - 1 else torch.bitwise_and(shifted, mask))
+    return torch.stack(planes, dim=-2)
 
 
 def _codes_f32(seg: QuantSegment) -> torch.Tensor:
-    """All codes widened to fp32 ``[B, Hk, L, d]`` (each plane converted straight into its slice)."""
-    b, hk, n, _ = seg.codes.shape
-    out = torch.empty(b, hk, n, seg.dim, dtype=torch.float32, device=seg.codes.device)
-    for i, lo, hi in _plane_slices(seg):
-        out[..., lo:hi].copy_(_plane(seg, i)[..., : hi - lo])
-    return out
+    """All codes widened to fp32 ``[B, Hk, L, d]`` (the planes stacked in channel order, one conversion)."""
+    b, hk, n, m = seg.codes.shape
+    codes = seg.codes.contiguous()  # a live slice of a store with spare capacity: strided ops are slow
+    if seg.planes == 1:
+        return codes[..., : seg.dim].float()
+    return planar_planes(codes, seg.bits).view(b, hk, n, seg.planes * m)[..., : seg.dim].float()
+
+
+def _nibble_operands(seg: QuantSegment) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit planar bytes as two fp32 operands ``[B, Hk, L, M]``: the byte (``lo + 16·hi``) and its high
+    nibble. Two conversions and one shift, no mask and no interleave; the low nibble is folded into the
+    other operand of the product (``lo = byte − 16·hi``)."""
+    codes = seg.codes.contiguous()  # a live slice of a store with spare capacity: strided ops are slow
+    four = torch.tensor(4, dtype=torch.uint8, device=codes.device)
+    return codes.float(), torch.bitwise_right_shift(codes, four).float()
 
 
 def dequantize_segment(seg: QuantSegment) -> torch.Tensor:
@@ -93,23 +115,18 @@ def dequantize_segment(seg: QuantSegment) -> torch.Tensor:
     return x
 
 
-def _plane_slices(seg: QuantSegment) -> list[tuple[int, int, int]]:
-    """``(plane, start, stop)`` channel ranges held by each plane (the last may be short or empty)."""
-    m = seg.plane_width
-    out = []
-    for i in range(seg.planes):
-        lo, hi = i * m, min((i + 1) * m, seg.dim)
-        if lo < hi:
-            out.append((i, lo, hi))
-    return out
-
-
 def segment_scores(qg: torch.Tensor, seg: QuantSegment) -> torch.Tensor:
     """``q·k̂`` for ``qg [B, Hk, G, d]`` (fp32) → ``[B, Hk, G, L]`` with the scale folded in."""
     if seg.balance is not None:
         qg = qg / seg.balance.float()[:, :, None, :]
     s, z = seg.scale.float(), seg.zero_f32()  # [B, Hk, L, ng]
     ng = seg.dim // seg.group
+    if ng == 1 and seg.bits == 4:  # nibbles: q·c = q_lo·byte + (q_hi − 16·q_lo)·(byte >> 4), no mask
+        byte, high = _nibble_operands(seg)
+        m = seg.plane_width
+        q_lo, q_hi = qg[..., :m], torch.nn.functional.pad(qg[..., m:], (0, 2 * m - seg.dim))
+        raw = q_lo @ byte.transpose(-1, -2) + (q_hi - 16.0 * q_lo) @ high.transpose(-1, -2)
+        return raw * s[..., 0][:, :, None, :] + qg.sum(-1, keepdim=True) * z[..., 0][:, :, None, :]
     if ng == 1:  # one group per row: one GEMM on the raw codes, then one scale and one shift per row
         raw = qg @ _codes_f32(seg).transpose(-1, -2)
         return raw * s[..., 0][:, :, None, :] + qg.sum(-1, keepdim=True) * z[..., 0][:, :, None, :]
@@ -126,7 +143,12 @@ def segment_weighted(p: torch.Tensor, seg: QuantSegment) -> torch.Tensor:
     s, z = seg.scale.float(), seg.zero_f32()
     ng = seg.dim // seg.group
     pz = p @ z  # [B, Hk, G, ng]
-    if ng == 1:
+    if ng == 1 and seg.bits == 4:  # Σ w·c_lo = w·byte − 16·(w·(byte >> 4)), Σ w·c_hi = w·(byte >> 4)
+        byte, high = _nibble_operands(seg)
+        w = p * s[..., 0][:, :, None, :]
+        wh = w @ high
+        out = torch.cat([w @ byte - 16.0 * wh, wh[..., : seg.dim - seg.plane_width]], dim=-1) + pz
+    elif ng == 1:
         out = (p * s[..., 0][:, :, None, :]) @ _codes_f32(seg) + pz
     else:
         c = _codes_f32(seg).unflatten(-1, (ng, seg.group)).transpose(2, 3)  # [B, Hk, ng, L, Gd]
@@ -138,20 +160,34 @@ def segment_weighted(p: torch.Tensor, seg: QuantSegment) -> torch.Tensor:
 
 
 def merge_two_segments(
-    l_hi: torch.Tensor, v_hi: torch.Tensor, l_lo: torch.Tensor, weighted_lo, return_probs: bool
+    l_hi: torch.Tensor,
+    v_hi: torch.Tensor,
+    l_lo: torch.Tensor,
+    weighted_lo,
+    return_probs: bool,
+    *,
+    all_visible_hi: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One softmax over masked logits ``l_hi [B, Hk, G, Lh]`` and ``l_lo [B, Hk, G, Ll]`` (``-inf`` =
     hidden). ``weighted_lo(p_lo) -> [B, Hk, G, d]``. Returns ``out [B, Hk, G, d]`` and the two probability
-    blocks when asked (rows with nothing visible give zeros)."""
+    blocks when asked (rows with nothing visible give zeros). ``all_visible_hi``: the caller knows every
+    ``v_hi`` row is live (nothing to clear, so no masked copy of ``v_hi``)."""
     m = torch.maximum(l_hi.amax(-1, keepdim=True), l_lo.amax(-1, keepdim=True))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e_hi, e_lo = torch.exp(l_hi - m), torch.exp(l_lo - m)
     denom = (e_hi.sum(-1, keepdim=True) + e_lo.sum(-1, keepdim=True)).clamp_min(
         torch.finfo(torch.float32).tiny
     )
+    tiny = torch.finfo(torch.float32).tiny
+    # subnormal probabilities (< 1.2e-38, far below what the fp32 output resolves) are flushed to 0: every
+    # later multiply that meets one takes a microcode assist on x86 (several times slower per op)
     p_hi, p_lo = e_hi / denom, e_lo / denom
-    vis_hi = torch.isfinite(l_hi).any(2)[..., None]  # [B, Hk, Lh, 1]
-    out = p_hi @ torch.where(vis_hi, v_hi.float(), 0.0) + weighted_lo(p_lo)
+    p_hi, p_lo = p_hi.masked_fill(p_hi < tiny, 0.0), p_lo.masked_fill(p_lo < tiny, 0.0)
+    if all_visible_hi:
+        out = p_hi @ v_hi.float() + weighted_lo(p_lo)
+    else:
+        vis_hi = torch.isfinite(l_hi).any(2)[..., None]  # [B, Hk, Lh, 1]: garbage rows never reach out
+        out = p_hi @ torch.where(vis_hi, v_hi.float(), 0.0) + weighted_lo(p_lo)
     if not return_probs:
         return out, None, None
     return out, p_hi, p_lo
@@ -162,15 +198,26 @@ def _visible(lengths: torch.Tensor, keep: torch.Tensor | None, n: int) -> torch.
     return mask if keep is None else mask & keep
 
 
+def _all_visible(lengths: torch.Tensor, keep: torch.Tensor | None, n: int) -> bool:
+    return keep is None and (lengths.numel() == 0 or int(lengths.min()) >= n)
+
+
 def _attention_torch(q, k_hi, v_hi, len_hi, seg_k, seg_v, len_lo, scale, keep_hi, keep_lo, return_probs):
     b, h, d = q.shape
     hk = k_hi.shape[1]
     qg = q.float().view(b, hk, h // hk, d)
     l_hi = (qg @ k_hi.float().transpose(-1, -2)) * scale
-    l_hi = l_hi.masked_fill(~_visible(len_hi, keep_hi, k_hi.shape[2])[:, :, None, :], float("-inf"))
+    full_hi = _all_visible(len_hi, keep_hi, k_hi.shape[2])
+    if not full_hi:
+        l_hi = l_hi.masked_fill(~_visible(len_hi, keep_hi, k_hi.shape[2])[:, :, None, :], float("-inf"))
     l_lo = segment_scores(qg, seg_k) * scale
-    l_lo = l_lo.masked_fill(~_visible(len_lo, keep_lo, seg_k.codes.shape[2])[:, :, None, :], float("-inf"))
-    out, p_hi, p_lo = merge_two_segments(l_hi, v_hi, l_lo, lambda p: segment_weighted(p, seg_v), return_probs)
+    if not _all_visible(len_lo, keep_lo, seg_k.codes.shape[2]):
+        l_lo = l_lo.masked_fill(
+            ~_visible(len_lo, keep_lo, seg_k.codes.shape[2])[:, :, None, :], float("-inf")
+        )
+    out, p_hi, p_lo = merge_two_segments(
+        l_hi, v_hi, l_lo, lambda p: segment_weighted(p, seg_v), return_probs, all_visible_hi=full_hi
+    )
     return out, p_hi, p_lo
 
 

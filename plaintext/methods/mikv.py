@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from mpckv.errors import ConfigError
+from mpckv.plaintext.kv_cache import LayerCache
 from mpckv.plaintext.methods.base import DecodeContext, PrefillContext
 from mpckv.plaintext.methods.h2o import H2O, SCORE
 from mpckv.plaintext.methods.scorers import reduce_group
@@ -130,6 +131,10 @@ class MiKV(H2O):
         k, recent = ctx.state["k"], ctx.state["recent"]
         if bool((hi.lengths <= k).all()):
             return
+        n = hi.max_length
+        if isinstance(ctx, DecodeContext) and bool(((hi.lengths == n) & (hi.lengths == k + 1)).all()):
+            qc.demote_one(self._lowest(hi, n - recent))  # one entry per row, the decode steady state
+            return
         col = torch.arange(hi.max_length, device=k.device)
         forced = col >= (hi.lengths - recent)[..., None]
         invalid = ~hi.valid()
@@ -141,11 +146,27 @@ class MiKV(H2O):
         top = int(out.sum(-1).max())
         qc.demote(order[..., :top], out.gather(2, order[..., :top]))
 
+    def _lowest(self, hi: LayerCache, first_recent: torch.Tensor) -> torch.Tensor:
+        """Slot ``[B, Hk]`` of each full row's lowest-ranked entry outside the recent window: the one entry
+        :func:`select_topk` would leave out of ``n − 1`` (NaN lowest, ties to the *higher* index, recent
+        entries never), in O(n) without a sort."""
+        n = hi.max_length
+        rank = torch.nan_to_num(self._rank(hi).float(), nan=float("-inf"))
+        rank = rank.clamp(min=torch.finfo(torch.float32).min)
+        recent = torch.arange(n, device=rank.device) >= first_recent[..., None]
+        rank = rank.masked_fill(recent, float("inf"))
+        return (n - 1) - rank.flip(-1).argmin(-1)  # argmin takes the first minimum: flip for the last
+
     # ------------------------------------------------------------------ hooks
     def on_prefill(self, ctx: PrefillContext) -> None:
         if self.low_bits == 16:
             return
         super().on_prefill(ctx)  # H2O scores, then self._evict → install + demote
+        qc = ctx.cache
+        if isinstance(qc, QuantizedLayerCache):
+            # room for the one entry a decode step adds before demote_one moves one out (in place): the
+            # full-precision store then never reallocates and holds exactly k + 1 slots
+            qc.hi.reserve(qc.hi.max_length + 1)
 
     def after_attention(self, ctx: DecodeContext, probs: torch.Tensor | None) -> None:
         if self.low_bits == 16:

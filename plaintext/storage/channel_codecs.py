@@ -52,6 +52,11 @@ def parseval_weights(e: int, device: torch.device) -> torch.Tensor:
     return w
 
 
+def _in_order(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``x [..., n]`` in the byte-major slot order ``order`` (slots ≥ n, the padding, get 0)."""
+    return torch.nn.functional.pad(x, (0, 1)).index_select(-1, order)
+
+
 class FFTSignKeys:
     """VidKV keys (see the module docstring). ``perm [B, Hk, d]``: channel order, 2-bit channels first."""
 
@@ -106,16 +111,22 @@ class FFTSignKeys:
         b, hk, gq, _ = qp.shape
         out = None
         nh = self.n_hi
+        # codes are looked up per byte (byte-major order); the query and the scales are put in that order
         if nh:
-            qd = qp[..., :nh][:, :, None]  # [B, Hk, 1, G, nh]
-            s, z = enc["d_scale"].float()[:, :, :, None, :], enc["d_zero"].float()[:, :, :, None, :]
-            part = (qd * s) @ self._d_codes(enc).transpose(-1, -2) + (qd * z).sum(-1, keepdim=True)
-            out = part  # [B, Hk, U, G, g]
+            qd = qp[..., :nh]
+            order = quant.byte_major_order(nh, 2, qp.device)
+            codes = quant.lookup_codes(enc["d_codes"], quant.planar_table(2, qp.device))  # [B, Hk, U, g, ·]
+            s = _in_order(enc["d_scale"].float(), order)[:, :, :, None, :]  # [B, Hk, U, 1, ·]
+            zterm = enc["d_zero"].float() @ qd.transpose(-1, -2)  # [B, Hk, U, G]
+            out = (_in_order(qd, order)[:, :, None] * s) @ codes.transpose(-1, -2) + zterm[..., None]
         if self.dim - nh:
             e = self.dim - nh
+            order = quant.byte_major_order(e, 1, qp.device)
             u = real_coefficients(qp[..., nh:]) * parseval_weights(e, qp.device)  # [B, Hk, G, e]
-            se = enc["e_scale"].float()[:, :, :, None, :]  # [B, Hk, U, 1, e]
-            part = (u[:, :, None] * se) @ self._e_signs(enc).transpose(-1, -2)
+            us = u[:, :, None] * enc["e_scale"].float()[:, :, :, None, :]  # [B, Hk, U, G, e]
+            # signs 2b − 1 folded into the query: Σ us·(2b − 1) = (2·us)·b − Σ us
+            bits = quant.lookup_codes(enc["e_bits"], quant.planar_table(1, qp.device))  # [B, Hk, U, g, ·]
+            part = (2.0 * _in_order(us, order)) @ bits.transpose(-1, -2) - us.sum(-1, keepdim=True)
             out = part if out is None else out + part
         assert out is not None
         return out.permute(0, 1, 3, 2, 4).reshape(b, hk, gq, -1)
@@ -170,13 +181,29 @@ class TernaryValues:
         return qg @ self.decode(enc).transpose(-1, -2)
 
     def weighted(self, p: torch.Tensor, enc: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``p [B, Hk, G, U·g]`` → ``[B, Hk, G, d]``: per block ``(p_u·C_u) ⊙ s_u (+ Σp_u·z_u)``."""
-        c, z = self._blockwise(enc)
-        b, hk, u, g, d = c.shape
-        pb = p.reshape(b, hk, p.shape[2], u, g).transpose(2, 3)  # [B, Hk, U, G, g]
+        """``p [B, Hk, G, U·g]`` → ``[B, Hk, G, d]``: per block ``(p_u·C_u) ⊙ s_u (+ Σp_u·z_u)``.
+
+        Ternary codes are read with one table lookup per byte in *byte-major* order (slot ``5j + i`` holds
+        channel ``i·m + j``, ``m`` bytes per token); the scales are put in that order instead of the codes,
+        and the small ``[B, Hk, G, 5m]`` result is put back in channel order."""
+        b, hk, gq, _ = p.shape
+        codes = enc["codes"]  # [B, Hk, U, g, m]
+        u, g, m = codes.shape[2:]
+        pb = p.reshape(b, hk, gq, u, g).transpose(2, 3)  # [B, Hk, U, G, g]
+        d = self.dim
+        if self.bits == quant.TERNARY:
+            table = quant.ternary_table(p.device) - 1.0  # trit values −1, 0, 1
+            vals = quant.lookup_codes(codes, table)  # [B, Hk, U, g, 5m]
+            s = (
+                torch.nn.functional.pad(enc["scale"].float(), (0, 5 * m - d))
+                .view(b, hk, u, 5, m)
+                .transpose(-1, -2)
+            )
+            out = ((pb @ vals) * s.reshape(b, hk, u, 1, 5 * m)).sum(2)  # [B, Hk, G, 5m] byte-major
+            return out.view(b, hk, gq, m, 5).transpose(-1, -2).reshape(b, hk, gq, 5 * m)[..., :d]
+        c = quant.unpack(codes, self.bits, d).float()
         out = (pb @ c) * enc["scale"].float()[:, :, :, None, :]
-        if z is not None:
-            out = out + pb.sum(-1, keepdim=True) * z[:, :, :, None, :]
+        out = out + pb.sum(-1, keepdim=True) * enc["zero"].float()[:, :, :, None, :]
         return out.sum(2)
 
     def state_tensors(self) -> list[torch.Tensor]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from mpckv.errors import ConfigError, ShapeError
+from mpckv.kernels.quant_attention import planar_planes
 
 TERNARY = 1.58
 PLANAR_BITS = (1, 2, 4, 8)
@@ -87,19 +88,62 @@ def unpack(packed: torch.Tensor, bits: float, n: int) -> torch.Tensor:
     check_bits(bits)
     if packed.shape[-1] != packed_size(n, bits):
         raise ShapeError(f"{packed.shape[-1]} bytes cannot hold {n} codes of {bits} bits")
-    p = packed.to(torch.uint8)
-    if bits == TERNARY:
-        planes = [(p // (3**i)) % 3 for i in range(5)]
-        return torch.cat(planes, dim=-1)[..., :n]
+    p = packed.to(torch.uint8).contiguous()  # strided uint8 ops take a slow path
+    if bits == TERNARY:  # one table lookup per byte: [..., m, 5] → planar order [..., 5, m]
+        trits = ternary_table(p.device, torch.uint8)
+        t = trits.index_select(0, p.reshape(-1).to(torch.int32)).view(*p.shape, 5)
+        return t.transpose(-1, -2).flatten(-2)[..., :n]
     b = int(bits)
     if b in PLANAR_BITS:
-        mask = torch.tensor((1 << b) - 1, dtype=torch.uint8, device=p.device)  # tensor: fast uint8 path
-        planes = [torch.bitwise_and(p >> (b * i), mask) for i in range(8 // b)]
-        return torch.cat(planes, dim=-1)[..., :n]
+        return planar_planes(p, b).flatten(-2)[..., :n]
     shifts = torch.arange(8, device=p.device, dtype=torch.uint8)
     stream = ((p[..., None] >> shifts) & 1).flatten(-2)[..., : n * b].unflatten(-1, (n, b))
     weights = torch.tensor([1 << i for i in range(b)], dtype=torch.uint8, device=p.device)
     return (stream * weights).sum(-1, dtype=torch.uint8)
+
+
+_PLANAR_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def planar_table(bits: int, device: torch.device) -> torch.Tensor:
+    """fp32 ``[256, 8 / bits]``: the codes of every planar byte (column ``i`` = plane ``i``). A lookup
+    ``table[bytes]`` of ``[..., m]`` bytes gives codes in *byte-major* order: slot ``j·k + i`` holds code
+    ``i·m + j`` (:func:`byte_major_order`). Cached per device."""
+    key = (bits, torch.device(device))
+    if key not in _PLANAR_TABLES:
+        byte = torch.arange(256)[:, None]
+        shifts = torch.arange(0, 8, bits)[None, :]
+        _PLANAR_TABLES[key] = ((byte >> shifts) & ((1 << bits) - 1)).to(device=device, dtype=torch.float32)
+    return _PLANAR_TABLES[key]
+
+
+def byte_major_order(n: int, bits: int, device: torch.device) -> torch.Tensor:
+    """``[k·m]`` long: the code index held by each byte-major slot of :func:`planar_table` lookups
+    (``k = 8 / bits`` codes per byte, ``m = packed_size(n, bits)``); padding slots get index ``n``."""
+    k = 8 // bits
+    m = packed_size(n, bits)
+    j, i = torch.meshgrid(torch.arange(m), torch.arange(k), indexing="ij")
+    return (i * m + j).flatten().clamp_max(n).to(device)
+
+
+def lookup_codes(packed: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``table[packed]``: fp32 ``[..., m·k]`` codes in byte-major order (one gather per byte)."""
+    out = table.index_select(0, packed.reshape(-1).to(torch.int32))
+    return out.view(*packed.shape[:-1], packed.shape[-1] * table.shape[1])
+
+
+_TERNARY_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def ternary_table(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[256, 5]``: the five trits ``{0, 1, 2}`` of every byte (base 3, lowest first; bytes ≥ 243 are not
+    produced by :func:`pack`). Cached per device and dtype."""
+    key = (torch.device(device), dtype)
+    if key not in _TERNARY_TABLES:
+        byte = torch.arange(256)
+        trits = torch.stack([(byte // 3**i) % 3 for i in range(5)], dim=-1)
+        _TERNARY_TABLES[key] = trits.to(device=device, dtype=dtype)
+    return _TERNARY_TABLES[key]
 
 
 def _pad_last(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -253,16 +297,21 @@ __all__ = [
     "RTN",
     "TERNARY",
     "bits_per_value",
+    "byte_major_order",
     "check_bits",
     "dequantize_rtn",
     "dequantize_sign",
     "dequantize_ternary",
     "levels",
+    "lookup_codes",
     "num_groups",
     "pack",
     "packed_size",
+    "planar_table",
+    "planar_planes",
     "quantize_rtn",
     "quantize_sign",
     "quantize_ternary",
+    "ternary_table",
     "unpack",
 ]

@@ -239,6 +239,10 @@ class PackedStore:
         return int(self.units.sum()) * per_unit
 
 
+def _rows(b: int, hk: int) -> list[tuple[int, int]]:
+    return [(r, h) for r in range(b) for h in range(hk)]
+
+
 def _grow_pos(pos: torch.Tensor, size: int) -> torch.Tensor:
     out = torch.zeros(pos.shape[0], pos.shape[1], size, dtype=pos.dtype, device=pos.device)
     out[:, :, : pos.shape[2]] = pos
@@ -249,6 +253,8 @@ def assemble(hi: torch.Tensor, lo: torch.Tensor, hi_len: torch.Tensor, lo_len: t
     """Logical layout ``[X_hi | X_lo]`` per row: ``hi [B, R, Lh, …]``, ``lo [B, R, Ll, …]``, lengths
     ``[B, R]`` → ``[B, R, max(hi_len + lo_len), …]`` (zeros past each row's length)."""
     b, r = hi_len.shape
+    if bool((hi_len == hi.shape[2]).all()) and bool((lo_len == lo.shape[2]).all()):
+        return torch.cat([hi, lo.to(hi.dtype)], dim=2)  # equal rows, every entry live: no scatter
     total = hi_len + lo_len
     n = int(total.max()) if total.numel() else 0
     rest = hi.shape[3:]
@@ -425,6 +431,36 @@ class QuantizedLayerCache:
         hi.compact(order, torch.sort(keep.to(torch.int8), dim=-1, descending=True, stable=True).values.bool())
         self.version += 1
 
+    def demote_one(self, slot: torch.Tensor) -> None:
+        """:meth:`demote` of one entry per row, ``slot [B, Hk]``, when every full-precision row holds the same
+        number of entries (the decode steady state): the same stores as ``demote(slot[..., None], …)``, but
+        the later entries of each row shift down by one *in place*, so the full-precision store keeps its
+        capacity (no reallocation here, none on the next append)."""
+        hi = self.hi
+        b, hk, d = self.batch, self.kv_heads, self.head_dim
+        n = hi.max_length
+        if tuple(slot.shape) != (b, hk) or self.token_group != 1 or bool((hi.lengths != n).any()):
+            raise ShapeError(
+                f"demote_one expects slots [{b}, {hk}], a per-token codec and equal full-precision rows"
+            )
+        slot = slot.to(device=self.device, dtype=torch.long)
+        if not self.drop:
+            gi = slot[..., None]
+            ks = torch.gather(hi.k, 2, gi[..., None].expand(b, hk, 1, d))
+            vs = torch.gather(hi.v, 2, gi[..., None].expand(b, hk, 1, d))
+            ps = torch.gather(hi.pos, 2, gi)
+            ones = torch.ones(b, hk, dtype=torch.long, device=self.device)
+            self.lo.append(self.key_codec.encode(ks), self.value_codec.encode(vs), ps, ones)
+        # the tail of each row moves down by one: slice copies (memcpy speed; a gather is ~10x slower)
+        tensors = (hi.k, hi.v, hi.pos, *hi.meta.values())
+        for (r, h), at in zip(_rows(b, hk), slot.flatten().tolist(), strict=True):
+            if at < n - 1:
+                for t in tensors:
+                    t[r, h, at : n - 1] = t[r, h, at + 1 : n].clone()
+        hi.lengths = hi.lengths - 1
+        hi.version += 1
+        self.version += 1
+
     def compact(self, index: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Keep the logical entries ``index [B, Hk, K]`` (valid first): full-precision ones stay in the
         full-precision store, low-bit ones in the low-bit store (per-token codecs only)."""
@@ -517,13 +553,23 @@ class QuantizedLayerCache:
             m = torch.arange(n, device=q.device)[None, None, :] < lengths[..., None]
             return ~(m if keep is None else m & keep)[:, :, None, :]
 
-        l_hi = ((qg @ k_hi.float().transpose(-1, -2)) * scale).masked_fill(
-            hidden(self.hi.lengths, keep_hi, k_hi.shape[2]), float("-inf")
-        )
+        def everything(lengths: torch.Tensor, keep: torch.Tensor | None, n: int) -> bool:
+            return keep is None and (lengths.numel() == 0 or int(lengths.min()) >= n)
+
+        l_hi = (qg @ k_hi.float().transpose(-1, -2)) * scale
+        full_hi = everything(self.hi.lengths, keep_hi, k_hi.shape[2])
+        if not full_hi:  # masks only where some entry is hidden
+            l_hi = l_hi.masked_fill(hidden(self.hi.lengths, keep_hi, k_hi.shape[2]), float("-inf"))
         l_lo = self.key_codec.scores(qg, enc_k) * scale
-        l_lo = l_lo.masked_fill(hidden(self.lo.lengths, keep_lo, l_lo.shape[-1]), float("-inf"))
+        if not everything(self.lo.lengths, keep_lo, l_lo.shape[-1]):
+            l_lo = l_lo.masked_fill(hidden(self.lo.lengths, keep_lo, l_lo.shape[-1]), float("-inf"))
         out, p_hi, p_lo = merge_two_segments(
-            l_hi, v_hi, l_lo, lambda p: self.value_codec.weighted(p, enc_v), need_probs
+            l_hi,
+            v_hi,
+            l_lo,
+            lambda p: self.value_codec.weighted(p, enc_v),
+            need_probs,
+            all_visible_hi=full_hi,
         )
         out = out.reshape(b, h, d).to(q.dtype)
         if p_hi is None or p_lo is None:

@@ -113,3 +113,27 @@ def test_parameters_are_checked():
         mpckv.get_method("mikv", low_bits=5)
     with pytest.raises(ConfigError):
         mpckv.get_method("mikv", low_bits=1, symmetric=True)
+
+
+def test_lowest_is_what_select_topk_leaves_out():
+    """The decode fast path's pick = the one entry select_topk(n − 1) drops (ties, NaN, recent window)."""
+    from mpckv.plaintext.kv_cache import LayerCache
+    from mpckv.plaintext.methods.h2o import SCORE
+    from mpckv.plaintext.methods.mikv import MiKV
+    from mpckv.plaintext.methods.topk import select_topk
+
+    g = torch.Generator().manual_seed(3)
+    b, hk, n = 2, 3, 12
+    lc = LayerCache(b, hk, 4, torch.float32, torch.device("cpu"))
+    lc.append(torch.zeros(b, hk, n, 4), torch.zeros(b, hk, n, 4), torch.arange(n).expand(b, n))
+    score = torch.randint(0, 4, (b, hk, n), generator=g).float()  # many ties
+    score[0, 0, 2] = float("nan")
+    lc.add_meta(SCORE)[:, :, :n] = score
+    first_recent = torch.tensor([[8, 9, 12], [5, 10, 11]])
+    slot = MiKV(budget=n - 1)._lowest(lc, first_recent)
+    forced = torch.arange(n) >= first_recent[..., None]
+    idx, val = select_topk(score, n - 1, forced, None)
+    for r in range(b):
+        for h in range(hk):
+            left_out = set(range(n)) - set(idx[r, h][val[r, h]].tolist())
+            assert left_out == {int(slot[r, h])}

@@ -181,3 +181,28 @@ def test_demote_checks():
         TokenRTN(4, 5, D)
     with pytest.raises(ConfigError):
         QuantizedLayerCache(lc, FFTSignKeys(4, perm, 8), TokenRTN(4, D, D))
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_demote_one_equals_demote(drop):
+    """The in-place one-entry demotion leaves the same logical cache (keys, values, positions, metadata,
+    both stores) as the general demote of the same slots, and keeps the full-precision capacity."""
+    slot = torch.tensor([[0, 7], [N - 4, 12]])  # N − 3 full-precision entries left
+    caches = []
+    for _ in range(2):
+        lc, _, _ = _filled(11, (N, N))
+        lc.add_meta("score")[:, :, :N] = torch.arange(N, dtype=torch.float32)
+        caches.append(QuantizedLayerCache(lc, *_token_codecs(4, 8, balance=True), drop=drop))
+    ref, fast = caches
+    _demote_first(ref, torch.tensor([[3, 3], [3, 3]]))
+    _demote_first(fast, torch.tensor([[3, 3], [3, 3]]))
+    cap = fast.hi.capacity
+    ref.demote(slot[..., None], torch.ones(B, HK, 1, dtype=torch.bool))
+    fast.demote_one(slot)
+    assert fast.hi.capacity == cap and torch.equal(fast.lengths, ref.lengths)
+    assert torch.equal(fast.keys(), ref.keys()) and torch.equal(fast.values(), ref.values())
+    assert torch.equal(fast.positions(), ref.positions())
+    n = ref.hi.max_length
+    assert torch.equal(fast.meta["score"][:, :, :n], ref.meta["score"][:, :, :n])
+    with pytest.raises(ShapeError):
+        fast.demote_one(slot[:1])
