@@ -115,7 +115,7 @@ def test_record_schema_and_files(grid):
     for name in ("results.md", "predictions.jsonl", "meta.json", "plot_passkey.png", "plot_ppl.png"):
         assert (out / name).stat().st_size > 0, name
     md = (out / "results.md").read_text()
-    assert "## passkey" in md and "## ppl" in md and "`snapkv` | 0.1" in md
+    assert "## passkey" in md and "## ppl" in md and "`snapkv` (window=8) | 0.1" in md
     assert (out / "plot_needle.png").read_bytes()[:4] == b"\x89PNG"
 
 

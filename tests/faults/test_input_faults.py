@@ -38,7 +38,7 @@ def one_line(code: int, err: str, expected: int, *needles: str) -> str:
 
 
 # ------------------------------------------------------------------------- case 1: secure support
-@pytest.mark.parametrize("method", ["razorattention", "a2ats", "think", "streamingllm+kvmerger"])
+@pytest.mark.parametrize("method", ["keyformer", "a2ats", "think", "streamingllm+kvmerger"])
 @pytest.mark.parametrize("entry", ["generate", "launch", "party"])
 def test_secure_generate_refuses_methods_without_secure_support(entry, method, capsys):
     secure = ["generate", "--secure", "--model", "tiny", "--prompt", "Hi", "--method", method]
