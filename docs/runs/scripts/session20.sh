@@ -56,3 +56,6 @@ OMP_NUM_THREADS=1 $M bench secure --model tiny --methods dense,razorattention,mp
 # 10. issue 12: storage formats at 8K after the quantized-path rework (idle machine, end of the stop)
 $M bench plaintext --model smollm2 --lengths 8000 --methods snapkv,adakv,kvmerger,think,mikv,vidkv --budgets 0.25 \
   --new-tokens 8 --warmup 2 --threads 2 --prefill random --hf off --json docs/runs/bench/plaintext_smollm2_storage_v2.json
+# 11. issue 15: the persistent-cache half of step 1 (idle machine, end of the stop)
+$M bench secure --model smollm2 --methods dense,quest,mpcache,mpcache@all --param 'mpcache@all.dense_layers=[]' \
+  --lengths 1024,2048 --steps 1 --parties 2 --kv-cache persistent --json docs/runs/bench/secure_smollm2_2pc_1k2k_persistent.json
