@@ -54,6 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ppl_tokens=args.ppl_tokens,
         dtype=args.dtype,
         device=args.device,
+        prefill_cache=args.prefill_cache,
     )
     cfg.command = cfg.command_line()
     from mpckv.cli_common import check_eval_lengths
@@ -143,6 +144,13 @@ def _add_eval(sub: Any) -> None:
     )
     p.add_argument(
         "--ppl-tokens", type=int, default=128, metavar="T", help="scored tokens after each ppl context"
+    )
+    p.add_argument(
+        "--prefill-cache",
+        default=None,
+        metavar="DIR",
+        help="keep each batch's recorded dense prefill in DIR and reuse it in later runs over the same "
+        "prompts, model, dtype and code (large: ~2.3 GB per 10 samples of 4K tokens on a 0.5B model)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")

@@ -58,6 +58,10 @@ class PrefillRecord:
     queries: list[torch.Tensor]  # per layer [B, H, T, d] post-RoPE
     logits: torch.Tensor  # [B, V] next-token logits after the prompt
     seconds: float = 0.0  # wall time of the recorded prefill
+    #: prompt statistics that hooks derive from the unchanged record and that do not depend on the budget
+    #: (all-query column sums of H2O, Keyformer's noisy ones), keyed by ``(layer, name, parameters…)``:
+    #: the first cell computes them, the others of the batch reuse them (:meth:`PrefillContext.memoized`)
+    memo: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch(self) -> int:
@@ -228,6 +232,7 @@ class Engine:
                 states,
                 xp,
                 cache,
+                record.memo,
             )
             with xp.scope(phase="method", layer=layer):
                 self.method.on_prefill(ctx)

@@ -175,6 +175,41 @@ def test_query_agnostic_prefills_context_only(ckpt, model, tmp_path, monkeypatch
     assert sum(b for b, _ in seen["extend"]) == 3
 
 
+def test_prefill_cache_reused_across_runs(ckpt, model, tmp_path, monkeypatch):
+    """``--prefill-cache``: a second run over the same prompts (other methods, another output directory) loads
+    every batch's dense prefill instead of recording it, and its results equal a run without the cache."""
+    recorded = []
+    real = mpckv.Engine.record_prefill
+
+    def spy(self, ids):
+        recorded.append(len(ids))
+        return real(self, ids)
+
+    monkeypatch.setattr(mpckv.Engine, "record_prefill", spy)
+    store = tmp_path / "records"
+    kw = dict(suites=["passkey"], lengths=[128], budgets=[0.3], batch_size=2, params={})
+    first = _config(ckpt, tmp_path / "a", methods=["dense", "h2o"], prefill_cache=str(store), **kw)
+    runner.run_eval(first, model=model, model_id="random", plots=False)
+    assert recorded == [2, 1] and len(list(store.glob("*.pt"))) == 2
+    cached = _config(ckpt, tmp_path / "b", methods=["snapkv", "quest"], prefill_cache=str(store), **kw)
+    with_cache = runner.run_eval(cached, model=model, model_id="random", plots=False)
+    assert recorded == [2, 1]  # nothing recorded again
+    plain_cfg = _config(ckpt, tmp_path / "c", methods=["snapkv", "quest"], **kw)
+    plain = runner.run_eval(plain_cfg, model=model, model_id="random", plots=False)
+    assert recorded == [2, 1, 2, 1]
+
+    def strip(r):
+        return {k: v for k, v in r.items() if k not in ("seconds", "timestamp", "command", "wall_s")}
+
+    assert [strip(r) for r in with_cache] == [strip(r) for r in plain]
+    preds = [(tmp_path / d / "predictions.jsonl").read_text() for d in ("b", "c")]
+    assert preds[0] == preds[1]
+    # another model id is another key: recorded afresh
+    runner.run_eval(_config(ckpt, tmp_path / "d", methods=["dense"], prefill_cache=str(store), **kw),
+                    model=model, model_id="other", plots=False)  # fmt: skip
+    assert recorded == [2, 1, 2, 1, 2, 1]
+
+
 def test_fidelity_dense_and_streamingllm(model):
     prompts = [[(7 * i + 3) % 256 for i in range(200)], [(5 * i + 1) % 256 for i in range(180)]]
     recs = fidelity(model, prompts, ["dense", "streamingllm"], [0.1], steps=8)

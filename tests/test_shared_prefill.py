@@ -101,3 +101,26 @@ def test_changes_prefill_is_refused(tiny_random_model, record):
     with pytest.raises(ConfigError, match="changes the prefill"):
         eng.prefill_from(record)
     assert not any(method_class(m).changes_prefill for m in METHODS)  # today every method shares
+
+
+def test_budget_independent_scores_computed_once(tiny_random_model, monkeypatch):
+    """H2O's all-query column sums (and MiKV's, which are H2O's) are computed once per layer and record and
+    reused by the other budgets; an engine's own prefill (no record) never uses the memo."""
+    from mpckv.plaintext.methods import column_scores
+
+    calls = []
+    real = column_scores.causal_column_sums
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(column_scores, "causal_column_sums", counting)
+    rec = mpckv.Engine(tiny_random_model).record_prefill(_prompts())
+    layers = tiny_random_model.config.num_hidden_layers
+    for name, budget in [("h2o", 0.3), ("h2o", 12), ("mikv", 0.3)]:
+        _engine(tiny_random_model, name, budget).prefill_from(rec)
+    assert len(calls) == layers
+    assert sorted(rec.memo) == [(layer, "all_query_votes") for layer in range(layers)]
+    _engine(tiny_random_model, "h2o", 0.3).prefill(_prompts())
+    assert len(calls) == 2 * layers

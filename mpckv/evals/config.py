@@ -159,6 +159,7 @@ class EvalConfig:
     dtype: str = "float32"
     device: str = "cpu"
     command: str = ""
+    prefill_cache: str | None = None  # directory of recorded dense prefills shared between runs (not in keys)
 
     def __post_init__(self) -> None:
         self.suites = parse_suites(self.suites)

@@ -28,6 +28,7 @@ import torch
 from mpckv.errors import ConfigError
 from mpckv.evals import common
 from mpckv.evals.config import Cell, EvalConfig
+from mpckv.evals.record_store import RecordStore, record_key
 from mpckv.evals.scoring import score
 from mpckv.evals.suites import QA_SUITES, natural_tasks, prepare_ppl, prepare_qa
 
@@ -183,6 +184,16 @@ def _finish(job: Job, plan: _Plan) -> dict[str, Any]:
     return out
 
 
+def _recorded(dense: Any, ids: list[list[int]], store: RecordStore, cfg: EvalConfig, model_id: str) -> Any:
+    """The batch's dense prefill from ``--prefill-cache`` (recorded and stored when it is not there yet)."""
+    key = record_key(model_id, cfg.dtype, cfg.device, ids)
+    record = store.load(key)
+    if record is None:
+        record = dense.record_prefill(ids)
+        store.save(key, record)
+    return record
+
+
 def run_group(
     model: Any,
     tok: Any,
@@ -191,6 +202,7 @@ def run_group(
     *,
     on_part: Callable[[Job, list[int], Part], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    model_id: str = "",
 ) -> Iterator[tuple[Job, dict[str, Any]]]:
     """Run ``jobs`` (cells of one suite and length) batch by batch; yield ``(job, measured)`` per finished
     cell. ``job.parts`` may hold parts of an earlier, interrupted run (keyed by the batch's indices)."""
@@ -209,12 +221,15 @@ def run_group(
         if progress is not None and job.parts:
             progress(sum(len(k) for k in job.parts))
     dense = Engine(model, "dense")
+    store = RecordStore(cfg.prefill_cache) if cfg.prefill_cache else None
     for idx in plan.batches:
         pending = [j for j in jobs if tuple(idx) not in j.parts]
         if not pending:
             continue
         ids = [plan.prefill[i] for i in idx]
-        record = dense.record_prefill(ids) if any(j.shares_prefill for j in pending) else None
+        record = None
+        if any(j.shares_prefill for j in pending):
+            record = _recorded(dense, ids, store, cfg, model_id) if store else dense.record_prefill(ids)
         for job in pending:
             t0 = time.perf_counter()
             if record is not None and job.shares_prefill:

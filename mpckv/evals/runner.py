@@ -155,7 +155,9 @@ def run_eval(
             jobs = _jobs(model, cfg, group, mid)
             for job in jobs:
                 job.parts = partial.get(job.key, {})
-            for job, measured in run_group(model, tokenizer, cfg, jobs, on_part=on_part, progress=bar.update):
+            for job, measured in run_group(
+                model, tokenizer, cfg, jobs, on_part=on_part, progress=bar.update, model_id=mid
+            ):
                 rec = _record(cfg, job.cell, mid, measured)
                 records.append(rec)
                 done[cell_key(rec)] = rec

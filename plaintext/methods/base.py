@@ -16,6 +16,7 @@ decode step
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -78,10 +79,34 @@ class PrefillContext:
     all_states: list[dict[str, Any]] = field(default_factory=list)  # every layer's state (cross-layer)
     xp: Any = None  # the backend (``TORCH`` or ``CrypTenBackend``); secure methods branch on ``xp.secure``
     kv: Any = None  # the whole :class:`KVCache` (so that a method can swap this layer's storage format)
+    #: budget-independent prompt statistics shared by every cell replayed on one recorded prefill
+    #: (:attr:`~mpckv.plaintext.engine.PrefillRecord.memo`); ``None`` outside a replay
+    memo: dict[tuple[Any, ...], torch.Tensor] | None = None
 
     @property
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
+
+    def memoized(self, key: tuple[Any, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``compute()`` of this layer's *unchanged* prompt cache, computed once per recorded prefill.
+
+        Only used while the cache is the recorded one (a plain :class:`LayerCache`, never compacted, every
+        row at its prompt length), so the result depends on the record and ``key`` alone; callers get a copy.
+        """
+        cache = self.cache
+        fresh = (
+            self.memo is not None
+            and type(cache) is LayerCache
+            and cache.version == 0
+            and bool((cache.lengths == self.prompt_lengths.to(cache.lengths.device)[:, None]).all())
+        )
+        if not fresh:
+            return compute()
+        assert self.memo is not None
+        full = (self.layer, *key)
+        if full not in self.memo:
+            self.memo[full] = compute()
+        return self.memo[full].clone()
 
     def replace_cache(self, new: Any) -> None:
         """Replace this layer's cache with another storage format (see :func:`replace_layer_cache`)."""

@@ -97,7 +97,11 @@ def all_query_votes(
     fresh = bool((cache.lengths == ctx.prompt_lengths.to(cache.lengths.device)[:, None]).all())
     if ctx.q.is_cuda or not fresh:
         return window_votes(ctx, ctx.q.shape[2], group_reduce, per_query_head)
-    keys = cache.keys()
-    q = ctx.q.to(keys.dtype) if ctx.q.dtype != keys.dtype else ctx.q
-    per_head = causal_column_sums(q, keys, ctx.prompt_lengths, ctx.scale)
+
+    def compute() -> torch.Tensor:
+        keys = cache.keys()
+        q = ctx.q.to(keys.dtype) if ctx.q.dtype != keys.dtype else ctx.q
+        return causal_column_sums(q, keys, ctx.prompt_lengths, ctx.scale)
+
+    per_head = ctx.memoized(("all_query_votes",), compute)
     return per_head if per_query_head else reduce_group(per_head, cache.kv_heads, group_reduce)

@@ -215,15 +215,18 @@ class Keyformer(KVMethod):
                 raise ConfigError(
                     "keyformer needs the uncompacted prompt cache; put it first in a composition"
                 )
-            per_head = noisy_column_scores(
-                ctx.q,
-                cache.keys(),
-                ctx.prompt_lengths.to(ctx.q.device),
-                ctx.scale,
-                tau,
-                self.noise_scale,
-                self.seed,
-                ctx.layer,
+            per_head = ctx.memoized(
+                ("keyformer", tau, self.noise_scale, self.seed),
+                lambda: noisy_column_scores(
+                    ctx.q,
+                    cache.keys(),
+                    ctx.prompt_lengths.to(ctx.q.device),
+                    ctx.scale,
+                    tau,
+                    self.noise_scale,
+                    self.seed,
+                    ctx.layer,
+                ),
             )
             scores = reduce_group(per_head, cache.kv_heads, "sum")
         cache.add_meta(SCORE)[:, :, : scores.shape[-1]] = scores
