@@ -40,7 +40,7 @@ $M eval --model qwen2.5-coder-0.5b --dtype bfloat16 --suite passkey --lengths 40
   --out $E --no-progress --prefill-cache /work/prefill-cache
 $M eval --model qwen2.5-coder-0.5b --dtype bfloat16 --suite passkey --lengths 4096 --methods nosa,a2ats --budgets 0.1 \
   --n 20 --batch-size 10 --out $E --no-progress --prefill-cache /work/prefill-cache
-#    (the fidelity run below was started and stopped at once: no time left for it this stop)
+#    (fidelity: stopped once for the CI run, then run alone on the idle machine at the end)
 $M fidelity --model qwen2.5-coder-0.5b --dtype bfloat16 --synthetic passkey --length 4096 --n 4 --steps 32 \
   --methods quest,mpcache,tokenselect,ctkvr,delta,nosa,shadowkv,a2ats --budgets 0.05,0.1,0.2 \
   --out docs/runs/fidelity_q4k_select.json
