@@ -21,6 +21,8 @@ from mpckv.plaintext.methods.topk import select_topk
 from mpckv.plaintext.storage.quantized_cache import QuantizedLayerCache, TokenRTN
 from mpckv.registry import register_method
 
+PENDING = "mikv_pending"  # hi-store metadata: 1 = chosen for demotion, not moved yet
+
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -71,6 +73,12 @@ class MiKV(H2O):
         Symmetric codes (scale only) instead of asymmetric (scale + zero).
     param_dtype:
         Storage dtype of scales and zeros (rounded outwards so the error bound holds).
+    demote_every:
+        Decode steps per physical demotion. Every step still *chooses* the entry to demote (the same rule,
+        the chosen ones leave the ranking at once), but the chosen entries stay in the full-precision store,
+        flagged, until ``demote_every`` of them have gathered; they are then quantized and moved together.
+        ``1`` quantizes each entry on the step it is chosen (the paper's schedule). Ignored when
+        ``low_bits`` is 0 (eviction must take effect at once to be H2O) or 16.
 
     Notes
     -----
@@ -78,8 +86,12 @@ class MiKV(H2O):
     :mod:`mpckv.kernels.quant_attention` (1/2/4/8 bits; 3 bits dequantizes). Our deviations: the
     high-precision store is the model dtype (the paper: FP16 or INT8; INT8 not implemented); balancer
     statistics come from the whole prompt, per sequence and KV head (max over the GQA group); importance is
-    H2O's (not pluggable yet); scores count the attention to low-precision entries in the softmax
-    denominator but only high-precision entries are ranked (no promotion, as the card says).
+    H2O's (not pluggable yet); decode-time demotion is applied in blocks of ``demote_every`` steps (see the
+    parameter: quantizing one token per layer per step costs ~40 small tensor operations, more than the
+    attention it saves at 8K tokens on CPU; up to ``demote_every − 1`` already-demoted entries per head are
+    read at full precision meanwhile, the choices are unchanged); scores count the attention to low-precision
+    entries in the softmax denominator but only high-precision entries are ranked (no promotion, as the card
+    says).
     """
 
     low_bits: Literal[0, 1, 2, 3, 4, 8, 16] = 4
@@ -87,6 +99,7 @@ class MiKV(H2O):
     balance: bool = True
     symmetric: bool = False
     param_dtype: Literal["float16", "float32"] = "float16"
+    demote_every: int = field(default=32, metadata={"min": 1})
 
     family = "quantization"
     paper = "Yang et al., arXiv 2402.18096 (2024)"
@@ -129,11 +142,23 @@ class MiKV(H2O):
         qc = self._install(ctx)
         hi = qc.hi
         k, recent = ctx.state["k"], ctx.state["recent"]
-        if bool((hi.lengths <= k).all()):
-            return
+        pending = int(ctx.state.get(PENDING, 0))
         n = hi.max_length
-        if isinstance(ctx, DecodeContext) and bool(((hi.lengths == n) & (hi.lengths == k + 1)).all()):
-            qc.demote_one(self._lowest(hi, n - recent))  # one entry per row, the decode steady state
+        steady = (hi.lengths == n) & (hi.lengths == k + 1 + pending)
+        if isinstance(ctx, DecodeContext) and bool(steady.all()):
+            slot = self._lowest(hi, n - recent)  # one entry per row, the decode steady state
+            if self._block() == 1:
+                qc.demote_one(slot)
+                return
+            hi.meta[PENDING].scatter_(2, slot[..., None], 1.0)
+            pending += 1
+            ctx.state[PENDING] = pending
+            if pending >= self._block():
+                self._flush(ctx, qc)
+            return
+        if pending:
+            self._flush(ctx, qc)
+        if bool((hi.lengths <= k).all()):
             return
         col = torch.arange(hi.max_length, device=k.device)
         forced = col >= (hi.lengths - recent)[..., None]
@@ -146,6 +171,21 @@ class MiKV(H2O):
         top = int(out.sum(-1).max())
         qc.demote(order[..., :top], out.gather(2, order[..., :top]))
 
+    def _block(self) -> int:
+        return 1 if self.low_bits == 0 else self.demote_every
+
+    def _flush(self, ctx: PrefillContext | DecodeContext, qc: QuantizedLayerCache) -> None:
+        """Quantize and move the flagged (already chosen) entries, then make room for the next block."""
+        hi = qc.hi
+        n = hi.max_length
+        flagged = (hi.meta[PENDING][:, :, :n] > 0) & hi.valid()
+        order = torch.sort((~flagged).to(torch.int8), dim=-1, stable=True).indices
+        top = int(flagged.sum(-1).max())
+        if top:
+            qc.demote(order[..., :top], flagged.gather(2, order[..., :top]))
+        ctx.state[PENDING] = 0
+        qc.hi.reserve(qc.hi.max_length + self._block())
+
     def _lowest(self, hi: LayerCache, first_recent: torch.Tensor) -> torch.Tensor:
         """Slot ``[B, Hk]`` of each full row's lowest-ranked entry outside the recent window: the one entry
         :func:`select_topk` would leave out of ``n − 1`` (NaN lowest, ties to the *higher* index, recent
@@ -155,6 +195,8 @@ class MiKV(H2O):
         rank = rank.clamp(min=torch.finfo(torch.float32).min)
         recent = torch.arange(n, device=rank.device) >= first_recent[..., None]
         rank = rank.masked_fill(recent, float("inf"))
+        if PENDING in hi.meta:  # chosen already, waiting for the block's demotion
+            rank = rank.masked_fill(hi.meta[PENDING][:, :, :n] > 0, float("inf"))
         return (n - 1) - rank.flip(-1).argmin(-1)  # argmin takes the first minimum: flip for the last
 
     # ------------------------------------------------------------------ hooks
@@ -164,9 +206,11 @@ class MiKV(H2O):
         super().on_prefill(ctx)  # H2O scores, then self._evict → install + demote
         qc = ctx.cache
         if isinstance(qc, QuantizedLayerCache):
-            # room for the one entry a decode step adds before demote_one moves one out (in place): the
-            # full-precision store then never reallocates and holds exactly k + 1 slots
-            qc.hi.reserve(qc.hi.max_length + 1)
+            # room for the entries a block of decode steps adds before they are moved out: the
+            # full-precision store then reallocates once per block (demote_one: never, k + 1 slots)
+            if self._block() > 1:
+                qc.hi.add_meta(PENDING)
+            qc.hi.reserve(qc.hi.max_length + self._block())
 
     def after_attention(self, ctx: DecodeContext, probs: torch.Tensor | None) -> None:
         if self.low_bits == 16:

@@ -12,7 +12,7 @@ FID=()
 DIRS=(docs/runs/eval_q4k_bf16 docs/runs/eval_q4k_bf16_quant docs/runs/eval_qwen05b_4k docs/runs/eval_qwen05b_4k_n8
   docs/runs/eval_qwen05b_4k_mpcache_nostatic docs/runs/eval_s1k_evict docs/runs/evict_tiny docs/runs/select_a_tiny
   docs/runs/select_b_tiny docs/runs/store_quant_tiny docs/runs/store_shape_tiny)
-for d in docs/runs/eval_q4k_evict docs/runs/eval_q4k_select; do
+for d in docs/runs/eval_q4k_evict docs/runs/eval_q4k_select docs/runs/eval_q8k_select; do
   [ -f "$d/results.json" ] && DIRS+=("$d")
 done
 .venv/bin/mpckv report --results "${DIRS[@]}" "${FID[@]}" \
