@@ -45,6 +45,14 @@ def channel_balancer(
     return ratio.sqrt().clamp(1e-4, 1e4)
 
 
+def _demote_where(qc: QuantizedLayerCache, mask: torch.Tensor) -> None:
+    """Demote the full-precision entries where ``mask [B, Hk, n]`` is set, in slot order."""
+    order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices
+    top = int(mask.sum(-1).max()) if mask.numel() else 0
+    if top:
+        qc.demote(order[..., :top], mask.gather(2, order[..., :top]))
+
+
 @register_method("mikv")
 @dataclass(kw_only=True)
 class MiKV(H2O):
@@ -166,10 +174,7 @@ class MiKV(H2O):
         keep_idx, keep_valid = select_topk(self._rank(hi), k, forced & ~invalid, invalid)
         kept = torch.zeros(hi.batch, hi.kv_heads, hi.max_length + 1, dtype=torch.bool, device=k.device)
         kept.scatter_(2, torch.where(keep_valid, keep_idx, hi.max_length), True)
-        out = hi.valid() & ~kept[..., :-1]
-        order = torch.sort((~out).to(torch.int8), dim=-1, stable=True).indices
-        top = int(out.sum(-1).max())
-        qc.demote(order[..., :top], out.gather(2, order[..., :top]))
+        _demote_where(qc, hi.valid() & ~kept[..., :-1])
 
     def _block(self) -> int:
         return 1 if self.low_bits == 0 else self.demote_every
@@ -177,12 +182,7 @@ class MiKV(H2O):
     def _flush(self, ctx: PrefillContext | DecodeContext, qc: QuantizedLayerCache) -> None:
         """Quantize and move the flagged (already chosen) entries, then make room for the next block."""
         hi = qc.hi
-        n = hi.max_length
-        flagged = (hi.meta[PENDING][:, :, :n] > 0) & hi.valid()
-        order = torch.sort((~flagged).to(torch.int8), dim=-1, stable=True).indices
-        top = int(flagged.sum(-1).max())
-        if top:
-            qc.demote(order[..., :top], flagged.gather(2, order[..., :top]))
+        _demote_where(qc, (hi.meta[PENDING][:, :, : hi.max_length] > 0) & hi.valid())
         ctx.state[PENDING] = 0
         qc.hi.reserve(qc.hi.max_length + self._block())
 
